@@ -1,0 +1,280 @@
+"""``phi-export``: the workstation command. ``phi-export MODEL --target T`` exports; the other
+subcommands list targets, plan, verify and build demo checkpoints."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from phi_edge.runtimes.errors import PhiEdgeError
+
+from .checkpoint import DEFAULT_MODEL
+
+
+class DefaultToExport(click.Group):
+    """``phi-export MODEL ...`` and ``phi-export --target ...`` mean ``phi-export export ...``."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["export", *args]
+        return super().parse_args(ctx, args)
+
+
+def fail(message: str, code: int = 1):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def emit(data: Any, as_json: bool, human) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        human(data)
+
+
+def run_guarded(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except PhiEdgeError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted; nothing was written to the output folder", 130)
+
+
+@click.group(cls=DefaultToExport, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="phi-edge")
+def main():
+    """Export Phi models for edge devices.
+
+    \b
+      phi-export demo --target rpi5 --int4 -o out       # the built-in tiny model
+      phi-export microsoft/Phi-3.5-mini-instruct --target rpi --int4 -o out
+      phi-export targets                                # the device profiles
+    """
+
+
+def _default_output(model: str | None, target: str, precision: str | None) -> str:
+    name = (model or DEFAULT_MODEL).rstrip("/").split("/")[-1].replace(":", "-")
+    return f"{name}-{target}" + (f"-{precision}" if precision else "")
+
+
+@main.command("export")
+@click.argument("model", required=False)
+@click.option("-t", "--target", required=True, help="Device profile (see 'phi-export targets'), e.g. rpi5, android, cpu, cuda.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Artifact folder to write (default: MODEL-TARGET-PRECISION).")
+@click.option("-p", "--precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), help="Weight precision (default: the target's).")
+@click.option("--int4", "precision", flag_value="int4", help="Short for --precision int4.")
+@click.option("--int8", "precision", flag_value="int8", help="Short for --precision int8.")
+@click.option("--context-length", type=int, default=0, help="Context window to plan and export for (default: the target's cap or the model's).")
+@click.option("--block-size", type=int, help="[onnx-genai, qnn] Weights per quantization block.")
+@click.option("--group-size", type=int, help="[openvino, mlx] Weights per quantization group (-1: per channel).")
+@click.option("--sym/--asym", "symmetric", default=None, help="[onnx-genai, openvino] Symmetric or asymmetric quantization.")
+@click.option("--accuracy-level", type=int, help="[onnx-genai] MatMulNBits accuracy level: 0 (default), 1 fp32, 2 fp16, 3 bf16, 4 int8.")
+@click.option("--algorithm", type=click.Choice(["rtn", "k_quant"]), help="[onnx-genai] Weight-only quantization algorithm.")
+@click.option("--lm-head", type=click.Choice(["int4", "int8", "fp"]), help="[onnx-genai, mlx] Precision of the lm_head (mixed precision).")
+@click.option("--embeddings", type=click.Choice(["fp", "int4", "int8"]), help="[onnx-genai, mlx] Precision of the token embeddings.")
+@click.option("--int8-layers", help="[mlx] Comma-separated module names kept at 8 bits, e.g. down_proj.")
+@click.option("--ratio", type=float, help="[openvino] Share of layers at the main precision (the rest at the backup precision).")
+@click.option("--backup-precision", type=click.Choice(["int8_asym", "int8_sym", "none"]), help="[openvino] Precision of the layers outside --ratio.")
+@click.option("--awq", is_flag=True, default=None, help="[openvino] Data-aware AWQ (needs --calibration-text).")
+@click.option("--scale-estimation", is_flag=True, default=None, help="[openvino] Data-aware scale estimation (needs --calibration-text).")
+@click.option("--gptq", is_flag=True, default=None, help="[openvino] Data-aware GPTQ (needs --calibration-text).")
+@click.option("--calibration-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="[openvino, qnn] Local text file for calibration.")
+@click.option("--soc", help="[qnn] Snapdragon SoC to compile for (see 'phi-export targets').")
+@click.option("--prefill-chunk", type=int, help="[qnn] Tokens per prefill step of the static graph.")
+@click.option("--compile/--no-compile", "compile_", default=None, help="[qnn] Ship compiled context binaries (default) or only the QDQ model.")
+@click.option("--revision", help="Hub revision (branch, tag or commit).")
+@click.option("--allow-pickle", is_flag=True, help="Accept pickle (.bin) weights. Only for checkpoints you trust.")
+@click.option("--trust-remote-code", is_flag=True, help="Run the checkpoint repository's own Python code. Only for repositories you trust.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder; export even if the plan says it will not fit.")
+@click.option("--no-smoke-test", is_flag=True, help="Skip loading the artifact and generating a sample after the export.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
+def export_cmd(model, target, output, precision, context_length, block_size, group_size, symmetric, accuracy_level,
+               algorithm, lm_head, embeddings, int8_layers, ratio, backup_precision, awq, scale_estimation, gptq,
+               calibration_text, soc, prefill_chunk, compile_, revision, allow_pickle, trust_remote_code, force,
+               no_smoke_test, as_json):
+    """Export MODEL (a hub id, a local folder, or 'demo[:family]') for a device target.
+
+    With no MODEL, microsoft/Phi-3.5-mini-instruct from the local Hugging Face cache or the hub.
+    """
+    from phi_edge.targets import get_target
+
+    from .export import run_export
+    from .progress import Steps
+
+    given = {"block_size": block_size, "group_size": group_size, "symmetric": symmetric,
+             "accuracy_level": accuracy_level, "algorithm": algorithm, "lm_head": lm_head, "embeddings": embeddings,
+             "int8_layers": int8_layers, "ratio": ratio, "backup_precision": backup_precision, "awq": awq,
+             "scale_estimation": scale_estimation, "gptq": gptq,
+             "calibration_text": str(calibration_text) if calibration_text else None, "soc": soc,
+             "prefill_chunk": prefill_chunk, "compile": compile_}
+    quant = {k: v for k, v in given.items() if v is not None}
+    profile = run_guarded(get_target, target)
+    output = output or Path(_default_output(model, profile.name, precision or profile.precision))
+    steps = Steps(enabled=None if not as_json else False)
+    report = run_guarded(run_export, model, target, output, precision=precision, context_length=context_length,
+                         quant=quant, force=force, revision=revision, allow_pickle=allow_pickle,
+                         trust_remote_code=trust_remote_code, smoke_test=not no_smoke_test, steps=steps)
+    emit(report.__dict__, as_json, _print_export)
+
+
+def _print_export(r: dict) -> None:
+    from .sizing import human
+
+    click.echo(f"Exported {r['source']} ({r['family']}) for {r['target']} as {r['format']} {r['precision']} "
+               f"-> {r['output']}")
+    click.echo(f"  size {human(r['size_bytes'])}, context {r['context_length']} tokens, "
+               f"runtime RAM about {human(r['estimated_runtime_bytes'])}")
+    if r.get("sample"):
+        s = r["sample"]
+        click.echo(f"  sample ({s['device']}, {s['decode_tokens_per_s']} tokens/s): {s['prompt']!r} -> {s['text']!r}")
+    for n in r.get("notes", []):
+        click.echo(f"  note: {n}")
+    click.echo(f"Run it: phi-run {r['output']} \"Hello\"")
+
+
+@main.command("targets")
+@click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
+def targets_cmd(as_json):
+    """List the device profiles."""
+    from phi_edge.targets import all_socs, all_targets
+
+    rows = [{"name": t.name, "aliases": list(t.aliases), "format": t.format, "device": t.device,
+             "precision": t.precision, "precisions": list(t.precisions), "ram_gb": t.ram_gb,
+             "extra": f"phi-edge[{t.extra}]", "moe": "yes" if t.moe else "no", "moe_note": t.moe_note,
+             "moe_precisions": list(t.moe_precisions),
+             "quantization": t.quantization, "runtime": t.runtime, "description": t.description}
+            for t in all_targets()]
+    socs = [s.__dict__ for s in all_socs()]
+    if as_json:
+        click.echo(json.dumps({"targets": rows, "socs": socs}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="phi-edge targets")
+    for col in ("target", "format", "device", "default", "precisions", "RAM", "install on device", "Phi-3.5-MoE"):
+        table.add_column(col)
+    for r in rows:
+        moe = r["moe"] + (f" ({', '.join(r['moe_precisions'])} only)" if r["moe_precisions"] else "")
+        table.add_row(r["name"] + (f"\n[dim]{', '.join(r['aliases'])}[/]" if r["aliases"] else ""), r["format"],
+                      r["device"], r["precision"], ", ".join(r["precisions"]), f"{r['ram_gb']:g} GB",
+                      r["extra"], moe)
+    console = Console(width=max(Console().width, 120))
+    console.print(table)
+    notes = {r["moe_note"] for r in rows if r["moe"] == "no" and r["moe_note"]}
+    for n in sorted(notes):
+        console.print(f"[dim]MoE: {n}[/]")
+    console.print("[dim]Snapdragon SoCs for qualcomm-npu --soc: "
+                  + ", ".join(f"{s['key']} ({s['name']}, v{s['htp_arch']})" for s in socs) + "[/]")
+
+
+@main.command("plan")
+@click.argument("model", required=False)
+@click.option("-t", "--target", required=True, help="Device profile.")
+@click.option("-p", "--precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]))
+@click.option("--int4", "precision", flag_value="int4")
+@click.option("--int8", "precision", flag_value="int8")
+@click.option("--context-length", type=int, default=0)
+@click.option("--block-size", type=int)
+@click.option("--group-size", type=int)
+@click.option("--lm-head", type=click.Choice(["int4", "int8", "fp"]))
+@click.option("--embeddings", type=click.Choice(["fp", "int4", "int8"]))
+@click.option("--revision")
+@click.option("--json", "as_json", is_flag=True)
+def plan_cmd(model, target, precision, context_length, block_size, group_size, lm_head, embeddings, revision, as_json):
+    """Size, RAM and fit of MODEL on a target, from its config alone (no weights are loaded)."""
+    from phi_edge.targets import get_target
+
+    from .checkpoint import resolve
+    from .export import check_moe, resolve_context, resolve_precision
+    from .plan import make_plan
+
+    quant = {k: v for k, v in {"block_size": block_size, "group_size": group_size, "lm_head": lm_head,
+                               "embeddings": embeddings}.items() if v is not None}
+
+    def go():
+        t = get_target(target)
+        p = resolve_precision(t, precision)
+        ckpt = resolve(model, revision=revision)
+        ctx = resolve_context(ckpt, t, context_length)
+        plan = make_plan(ckpt.config, t, p, ctx, quant)
+        d = {"model": ckpt.source, "family": ckpt.family, **plan.to_dict()}
+        try:
+            check_moe(ckpt, t, p)
+        except PhiEdgeError as e:
+            d["refused"] = str(e)
+        return d
+
+    d = run_guarded(go)
+    emit(d, as_json, _print_plan)
+    if d.get("refused"):
+        sys.exit(1)
+
+
+def _print_plan(d: dict) -> None:
+    from .sizing import human
+
+    click.echo(f"{d['model']} ({d['family']}, {d['parameters'] / 1e6:.1f}M parameters) on {d['target']} "
+               f"as {d['format']} {d['precision']}:")
+    click.echo(f"  artifact on disk  {human(d['artifact_bytes'])}")
+    click.echo(f"  KV cache          {human(d['kv_cache_bytes'])} at {d['context_length']} tokens")
+    click.echo(f"  runtime RAM       {human(d['runtime_bytes'])} of {human(d['device_ram_bytes'])} "
+               f"-> {'fits' if d['fits'] else 'does NOT fit'}")
+    click.echo(f"  Phi-3.5-MoE       {d['moe']}")
+    if d.get("refused"):
+        click.echo(f"error: {d['refused']}", err=True)
+
+
+@main.command("verify")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--against", help="Reference checkpoint (folder, hub id or demo[:family]) to compare with.")
+@click.option("--prompt", default=None, help="Prompt for the comparison.")
+@click.option("--max-new-tokens", default=32, show_default=True)
+@click.option("--device", help="Override the manifest's device.")
+@click.option("--json", "as_json", is_flag=True)
+def verify_cmd(artifact, against, prompt, max_new_tokens, device, as_json):
+    """Check an artifact's files, load it, generate; with --against, compare with transformers."""
+    from .verify import VERIFY_PROMPT, verify
+
+    report = run_guarded(verify, artifact, against=against, prompt=prompt or VERIFY_PROMPT,
+                         max_new_tokens=max_new_tokens, device=device)
+    emit(report, as_json, _print_verify)
+
+
+def _print_verify(r: dict) -> None:
+    g = r["generation"]
+    click.echo(f"{r['artifact']}: {r['format']} {r['precision']} for {r['target']} on {r['device']}")
+    click.echo(f"  checksums  {r['checksums']}; loaded in {r['load_s']}s")
+    click.echo(f"  generated  {len(g['token_ids'])} tokens at {g['decode_tokens_per_s']:.1f} tokens/s "
+               f"(first token {g['time_to_first_token_s'] * 1000:.0f} ms): {g['text']!r}")
+    a = r.get("against")
+    if a:
+        click.echo(f"  against    {a['reference']}")
+        click.echo(f"  tokenizer  {'agrees' if a['tokenizer_agrees'] else 'DISAGREES on ' + repr(a['tokenizer_mismatches'])}")
+        click.echo(f"  greedy     {'identical' if a['greedy_tokens_equal'] else 'differs'} "
+                   f"({a['greedy_matching_prefix']}/{a['greedy_compared']} tokens match before the first difference)")
+        click.echo(f"  top-1      {a['top1_agreement'] * 100:.1f}% agreement over {a['positions']} positions")
+        click.echo(f"  cosine     {a['logit_cosine_mean']:.6f} mean, {a['logit_cosine_min']:.6f} min (next-token logits)")
+
+
+@main.command("demo-checkpoint")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--family", type=click.Choice(["phi3", "phi3-128k", "phimoe", "phi4-mini"]), default="phi3", show_default=True)
+@click.option("--seed", type=int, default=None, help="Weight seed (default: the fixed demo seed).")
+def demo_checkpoint_cmd(folder, family, seed):
+    """Write a tiny random-weight Phi checkpoint shaped like FAMILY (for demos and tests)."""
+    from .artifact import check_output
+    from .fixtures import SEED, write_checkpoint
+
+    run_guarded(check_output, folder, False)
+    write_checkpoint(folder, family, seed=SEED if seed is None else seed)
+    click.echo(f"wrote a tiny {family} checkpoint to {folder}")
+
+
+if __name__ == "__main__":
+    main()

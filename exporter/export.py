@@ -1,0 +1,146 @@
+"""One export, start to finish: checkpoint → checks → format tool → manifest → smoke test → folder.
+
+This is what ``phi-export MODEL --target T`` runs. Format modules only write model files; this
+module does the parts every format shares, so every artifact gets them the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from phi_edge.runtimes.errors import BackendUnavailableError, PhiEdgeError
+from phi_edge.targets import get_target
+
+from . import checkpoint as checkpoints
+from .artifact import build_manifest, check_output, staging, stop_token_ids
+from .formats import ExportOptions, check_options, copy_into, format_module, tool_versions
+from .plan import make_plan
+from .progress import Steps, tool_output_to_log
+
+SMOKE_PROMPT = "Hello! What can you do on a Raspberry Pi?"
+
+
+@dataclass
+class ExportReport:
+    output: str
+    target: str
+    format: str
+    precision: str
+    family: str
+    source: str
+    context_length: int
+    size_bytes: int
+    estimated_runtime_bytes: int
+    quantization: dict[str, Any]
+    step_times_s: dict[str, float] = field(default_factory=dict)
+    sample: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_precision(target, precision: str | None, ckpt=None) -> str:
+    precision = precision or target.precision
+    if precision not in target.precisions:
+        raise PhiEdgeError(f"target '{target.name}' does not take precision {precision}; "
+                           f"it takes {', '.join(target.precisions)}")
+    return precision
+
+
+def resolve_context(ckpt, target, requested: int) -> int:
+    model_max = ckpt.max_context
+    if requested:
+        if requested > model_max:
+            raise PhiEdgeError(f"--context-length {requested} exceeds the model's maximum of {model_max}")
+        if requested < 16:
+            raise PhiEdgeError(f"--context-length must be at least 16, got {requested}")
+        return requested
+    return min(target.context_length or model_max, model_max)
+
+
+def check_moe(ckpt, target, precision: str) -> None:
+    if not ckpt.is_moe:
+        return
+    if not target.moe:
+        raise PhiEdgeError(f"Phi-3.5-MoE does not run on target '{target.name}': {target.moe_note}")
+    if target.moe_precisions and precision not in target.moe_precisions:
+        raise PhiEdgeError(f"Phi-3.5-MoE on target '{target.name}' exports at {', '.join(target.moe_precisions)} "
+                           f"only ({target.moe_note}); pass --precision {target.moe_precisions[0]}")
+
+
+def run_export(model: str | None, target_name: str, output: str | Path, precision: str | None = None,
+               context_length: int = 0, quant: dict[str, Any] | None = None, force: bool = False,
+               revision: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
+               smoke_test: bool = True, steps: Steps | None = None) -> ExportReport:
+    steps = steps or Steps(enabled=False)
+    target = get_target(target_name)
+    precision = resolve_precision(target, precision)
+    module = format_module(target.format)
+    opts = ExportOptions(precision=precision, context_length=context_length, quant=dict(quant or {}), force=force)
+    check_options(module, opts, target.name)
+    out = Path(output)
+    check_output(out, force)
+
+    with tool_output_to_log("export"):
+        return _export(model, target, module, opts, out, revision, allow_pickle, trust_remote_code, smoke_test,
+                       steps)
+
+
+def _export(model, target, module, opts, out, revision, allow_pickle, trust_remote_code, smoke_test,
+            steps) -> ExportReport:
+    precision = opts.precision
+    with steps.step("Checking the checkpoint"):
+        ckpt = checkpoints.resolve(model, revision=revision, allow_pickle=allow_pickle,
+                                   trust_remote_code=trust_remote_code)
+    check_moe(ckpt, target, precision)
+    context = resolve_context(ckpt, target, opts.context_length)
+    opts.context_length = context
+    plan = make_plan(ckpt.config, target, precision, context, opts.quant)
+    if not plan.fits and not force:
+        raise PhiEdgeError(plan.refusal())
+    module.check(ckpt, target, opts)
+
+    notes: list[str] = []
+    with staging(out, opts.force) as tmp:
+        result = module.export(ckpt, target, opts, tmp, steps)
+        context = result.context_length or context
+        copy_into(ckpt.path, tmp, checkpoints.TOKENIZER_FILES)
+        stops = stop_token_ids(ckpt, ckpt.generation_config())
+        if hasattr(module, "finalize"):
+            module.finalize(tmp, context, stops)
+        weights = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        memory = {"weights_bytes": weights, "kv_cache_bytes": plan.kv_cache_bytes,
+                  "estimated_runtime_bytes": plan.runtime_bytes_for(weights),
+                  "device_ram_bytes": target.ram_bytes}
+        manifest = build_manifest(tmp, ckpt=ckpt, target=target, precision=precision, fmt=module.FORMAT,
+                                  context_length=context, quantization=result.quantization,
+                                  runtime={"device": target.device, **target.runtime, **result.runtime},
+                                  tools=tool_versions(("phi-edge",) + tuple(module.TOOLS)), memory=memory,
+                                  verification=result.verification)
+        sample = None
+        if smoke_test:
+            with steps.step("Loading the artifact and generating a sample"):
+                sample = _smoke_test(tmp, module, target, notes)
+    return ExportReport(output=str(out), target=target.name, format=module.FORMAT, precision=precision,
+                        family=ckpt.family, source=ckpt.source, context_length=context,
+                        size_bytes=manifest.total_bytes, estimated_runtime_bytes=memory["estimated_runtime_bytes"],
+                        quantization=result.quantization, step_times_s=steps.times, sample=sample, notes=notes)
+
+
+def _smoke_test(folder: Path, module, target, notes: list[str]) -> dict[str, Any] | None:
+    """Load the staged artifact with its own runtime and generate a few tokens, so a broken export
+    never lands. Skipped (with a note) where this machine lacks the device or the runtime."""
+    from phi_edge.runtimes import load
+
+    device = module.smoke_device(target) if hasattr(module, "smoke_device") else target.device
+    if device is None:
+        notes.append(f"not test-loaded: this machine has no {target.device} device for target '{target.name}'")
+        return None
+    try:
+        rt = load(folder, device=device)
+    except BackendUnavailableError as e:
+        notes.append(f"not test-loaded: {e}")
+        return None
+    result = rt.generate(SMOKE_PROMPT, max_new_tokens=16)
+    return {"prompt": SMOKE_PROMPT, "text": result.text, "tokens": len(result.token_ids),
+            "device": device, "decode_tokens_per_s": round(result.timings.decode_tokens_per_s, 1)}

@@ -1,0 +1,145 @@
+"""ONNX Runtime GenAI format: the onnxruntime-genai model builder, called in-process.
+
+Writes ``model.onnx`` (+ external data) and ``genai_config.json`` for the Raspberry Pi, Android,
+generic CPU and CUDA targets. Our options map onto the builder's ``extra_options``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+from phi_edge.runtimes.errors import PhiEdgeError
+
+from .formats import ExportOptions, FormatResult, merged_quant, require_tool
+
+FORMAT = "onnx-genai"
+OPTIONS = frozenset({"block_size", "symmetric", "accuracy_level", "algorithm", "lm_head", "embeddings"})
+TOOLS = ("onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir", "transformers", "torch")
+ALGORITHMS = ("rtn", "k_quant")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+def check(ckpt, target, opts: ExportOptions) -> None:
+    q = merged_quant(target, opts)
+    if opts.precision in ("int4", "int8"):
+        if q.get("block_size", 32) not in BLOCK_SIZES:
+            raise PhiEdgeError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {q['block_size']}")
+        if q.get("algorithm", "rtn") not in ALGORITHMS:
+            raise PhiEdgeError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, got {q['algorithm']}")
+        if q.get("accuracy_level", 0) not in (0, 1, 2, 3, 4):
+            raise PhiEdgeError(f"--accuracy-level must be 0-4, got {q['accuracy_level']}")
+        if q.get("lm_head", opts.precision) not in ("int4", "int8", "fp"):
+            raise PhiEdgeError(f"--lm-head must be int4, int8 or fp, got {q['lm_head']}")
+        if q.get("embeddings", "fp") not in ("fp", opts.precision):
+            raise PhiEdgeError(f"--embeddings for onnx-genai is 'fp' or the body's precision ({opts.precision}), "
+                               f"got {q['embeddings']}")
+    elif set(opts.quant) & OPTIONS:
+        raise PhiEdgeError(f"quantization options need --precision int4 or int8, not {opts.precision}")
+
+
+def smoke_device(target) -> str | None:
+    """Where the post-export test runs: CUDA artifacts only where CUDA is."""
+    if target.device != "cuda":
+        return "cpu"
+    import onnxruntime_genai as og
+
+    return "cuda" if og.is_cuda_available() else None
+
+
+def estimate_bytes(config: dict[str, Any], precision: str, q: dict[str, Any], target) -> int:
+    from .plan import default_estimate
+
+    return default_estimate(config, precision, q, float_bytes=2 if target.device == "cuda" else 4)
+
+
+def builder_options(precision: str, q: dict[str, Any]) -> list[str]:
+    """Our quantization settings as the builder's KEY=VALUE extra options."""
+    if precision not in ("int4", "int8"):
+        return []
+    opts = [f"block_size={q.get('block_size', 32)}",
+            f"is_symmetric={str(q.get('symmetric', True)).lower()}",
+            f"accuracy_level={q.get('accuracy_level', 4)}",
+            f"algo_config={q.get('algorithm', 'rtn')}"]
+    lm_head = q.get("lm_head", precision)
+    if lm_head == "int8" and precision == "int4":
+        opts.append("matmul_mixed_precision=last_matmul:int8")
+    elif lm_head == "fp":
+        opts.append("nodes_to_exclude=/lm_head/MatMul")
+    if q.get("embeddings", "fp") != "fp":
+        opts.append("op_types_to_quantize=MatMul/Gather")
+    return opts
+
+
+def export(ckpt, target, opts: ExportOptions, out: Path, steps) -> FormatResult:
+    require_tool("onnxruntime_genai", "the onnx-genai exporter")
+    from onnxruntime_genai.models import builder
+
+    ep = "cuda" if target.device == "cuda" else "cpu"
+    q = merged_quant(target, opts)
+    extra = builder_options(opts.precision, q)
+    cache = out / ".builder-cache"
+    with steps.step(f"Building the ONNX graph ({opts.precision}, {ep}) with onnxruntime-genai"), _builder_compat(builder):
+        options = builder.parse_extra_options(None, str(ckpt.path), str(out), opts.precision, ep, str(cache), extra)
+        options["hf_remote"] = bool(ckpt.trust_remote_code)
+        builder.create_model(None, str(ckpt.path), str(out), opts.precision, ep, str(cache), **options)
+    import shutil
+
+    shutil.rmtree(cache, ignore_errors=True)
+    used = {"tool": "onnxruntime-genai builder", "execution_provider": ep, "builder_options": extra}
+    if opts.precision in ("int4", "int8"):
+        used.update(bits=4 if opts.precision == "int4" else 8, block_size=q.get("block_size", 32),
+                    symmetric=bool(q.get("symmetric", True)), accuracy_level=q.get("accuracy_level", 4),
+                    algorithm=q.get("algorithm", "rtn"), lm_head=q.get("lm_head", opts.precision),
+                    embeddings=q.get("embeddings", "fp"))
+    return FormatResult(quantization=used, runtime={"device": ep})
+
+
+def finalize(out: Path, context_length: int, stop_token_ids: list[int]) -> None:
+    """Make genai_config.json agree with the manifest: context window and stop tokens."""
+    path = out / "genai_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["model"]["context_length"] = context_length
+    cfg["model"]["eos_token_id"] = stop_token_ids
+    cfg.setdefault("search", {})["max_length"] = context_length
+    path.write_text(json.dumps(cfg, indent=4) + "\n")
+
+
+@contextlib.contextmanager
+def _builder_compat(builder) -> Iterator[None]:
+    """onnxruntime-genai 0.18's Phi-3.5-MoE builder predates transformers 5: it misses the LongRoPE
+    init its dense sibling has, and reads the old per-expert layout. Bridge both for one export."""
+    phi = sys.modules[builder.Phi3MoELongRoPEModel.__module__]
+    original = phi.Phi3MoELongRoPEModel
+
+    class PhiMoE(original):
+        make_rope_init = phi.Phi3MiniLongRoPEModel.make_rope_init
+
+        def get_moe_module(self, layer_id, layer):
+            return _legacy_moe(layer)
+
+    builder.Phi3MoELongRoPEModel = PhiMoE
+    try:
+        yield
+    finally:
+        builder.Phi3MoELongRoPEModel = original
+
+
+def _legacy_moe(layer):
+    """transformers 5's fused PhimoeSparseMoeBlock seen as the 4.x ``block_sparse_moe`` layout."""
+    from types import SimpleNamespace
+
+    moe = getattr(layer, "block_sparse_moe", None)
+    if moe is not None:
+        return moe
+    mlp = layer.mlp
+    gate_up, down = mlp.experts.gate_up_proj, mlp.experts.down_proj
+    inter = down.shape[-1]
+    experts = [SimpleNamespace(w1=SimpleNamespace(weight=gate_up[i, :inter]),
+                               w3=SimpleNamespace(weight=gate_up[i, inter:]),
+                               w2=SimpleNamespace(weight=down[i]))
+               for i in range(gate_up.shape[0])]
+    return SimpleNamespace(gate=SimpleNamespace(weight=mlp.router.weight, bias=None), experts=experts)

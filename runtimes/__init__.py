@@ -1,0 +1,62 @@
+"""Run an exported artifact on this device: ``load(folder).generate(prompt)``.
+
+Importing this package is cheap: each backend module imports its engine (onnxruntime-genai,
+OpenVINO GenAI, MLX, ONNX Runtime QNN) only when an artifact of its format is loaded, and none of
+them imports torch or transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+
+from .base import GenerationResult, Runtime, SamplingParams, Timings
+from .errors import BackendUnavailableError, ContextLengthError, ManifestError, PhiEdgeError
+from .manifest import MANIFEST_NAME, Manifest, read_manifest
+
+__all__ = ["load", "Runtime", "GenerationResult", "SamplingParams", "Timings", "Manifest", "read_manifest",
+           "PhiEdgeError", "ManifestError", "BackendUnavailableError", "ContextLengthError", "BACKENDS"]
+
+# format -> (module, the phi-edge extra that installs its engine)
+BACKENDS = {
+    "onnx-genai": ("phi_edge.runtimes.onnx_genai", "onnx"),
+    "openvino": ("phi_edge.runtimes.openvino", "openvino"),
+    "mlx": ("phi_edge.runtimes.mlx", "mlx"),
+    "qnn": ("phi_edge.runtimes.qnn", "qnn"),
+}
+
+
+def backend_module(fmt: str):
+    if fmt not in BACKENDS:
+        raise ManifestError(f"no runtime for artifact format '{fmt}'; known formats: {', '.join(BACKENDS)}")
+    module_name, _ = BACKENDS[fmt]
+    return importlib.import_module(module_name)
+
+
+def load(path: str | Path, device: str | None = None, verify: bool = False) -> Runtime:
+    """Load the artifact folder at ``path``.
+
+    Checks the manifest and every file's size (``verify=True`` also every sha256), then opens it
+    with the backend its format names. ``device`` overrides the manifest's device (e.g. ``"CPU"``
+    for an OpenVINO NPU artifact, ``"cpu"`` for a CUDA one).
+    """
+    folder = Path(path)
+    manifest = read_manifest(folder, verify=verify)
+    module = backend_module(manifest.format)
+    start = time.perf_counter()
+    runtime = module.open_artifact(folder, manifest, device)
+    runtime.load_s = time.perf_counter() - start
+    return runtime
+
+
+def require(module_name: str, fmt: str):
+    """Import a backend's engine, or say which extra installs it."""
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as e:
+        extra = BACKENDS[fmt][1]
+        raise BackendUnavailableError(
+            f"this artifact's format '{fmt}' needs {module_name.split('.')[0]}, which is not installed "
+            f"({e}); install it with: pip install 'phi-edge[{extra}]'"
+        ) from None

@@ -1,0 +1,282 @@
+"""The runtime contract every backend fulfils: ``generate()``, ``stream()``, ``chat()``, ``logits()``.
+
+A backend supplies four things: ``encode``, ``decode``, ``_token_ids`` (a generator of new token ids
+for a prompt, sampling done by the backend's own engine) and ``logits``. Everything users see is
+built here once: stop tokens and stop strings, incremental detokenization, the context check,
+the chat template and the timings. That is what makes the API the same on every device.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Sequence
+
+import numpy as np
+
+from .chat_template import render_chat
+from .errors import ContextLengthError, PhiEdgeError
+from .manifest import Manifest
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token. ``temperature == 0`` means greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise PhiEdgeError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise PhiEdgeError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise PhiEdgeError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise PhiEdgeError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise PhiEdgeError(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
+
+
+@dataclass
+class Timings:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    time_to_first_token_s: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        t = self.time_to_first_token_s
+        return self.prompt_tokens / t if t > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        t = self.total_s - self.time_to_first_token_s
+        return (self.generated_tokens - 1) / t if self.generated_tokens > 1 and t > 0 else 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {**asdict(self), "prefill_tokens_per_s": self.prefill_tokens_per_s,
+                "decode_tokens_per_s": self.decode_tokens_per_s}
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str  # "stop" (stop token or string), "length" (max_new_tokens or context full)
+    timings: Timings = field(default_factory=Timings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": len(self.prompt_token_ids),
+                "finish_reason": self.finish_reason, "timings": self.timings.to_dict()}
+
+
+class _TextStream:
+    """Turns token ids into text pieces as they arrive, never splitting a multi-byte character."""
+
+    def __init__(self, decode):
+        self._decode = decode
+        self._ids: list[int] = []
+        self._prefix = 0  # start of the window we re-decode for context
+        self._read = 0  # tokens whose text has been emitted
+
+    def put(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        before = self._decode(self._ids[self._prefix:self._read])
+        after = self._decode(self._ids[self._prefix:])
+        if after.endswith("\ufffd") or len(after) <= len(before):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return after[len(before):]
+
+    def flush(self) -> str:
+        before = self._decode(self._ids[self._prefix:self._read])
+        after = self._decode(self._ids[self._prefix:])
+        return after[len(before):] if len(after) > len(before) else ""
+
+
+class Runtime:
+    """An artifact loaded on this device. Get one with :func:`phi_edge.runtimes.load`."""
+
+    format: ClassVar[str] = ""
+
+    def __init__(self, folder: Path, manifest: Manifest, device: str | None = None):
+        self.folder = Path(folder)
+        self.manifest = manifest
+        self.device = device
+        self.stop_token_ids = frozenset(manifest.stop_token_ids)
+        self.context_length = int(manifest.context_length)
+        self.load_s = 0.0
+
+    # ---- what a backend provides -------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Token ids for ``text``, with the special tokens the tokenizer adds (BOS for Phi-3)."""
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def _token_ids(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
+        """Yield new token ids one at a time until the caller stops asking or max_new_tokens."""
+        raise NotImplementedError
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Next-token logits after each position of ``ids``: float32 array [len(ids), vocab]."""
+        raise NotImplementedError
+
+    def with_bos(self, ids: list[int]) -> list[int]:
+        """Prepend BOS where the source tokenizer adds it and the engine's tokenizer did not."""
+        tok = self.manifest.tokenizer
+        bos = tok.get("bos_token_id")
+        if tok.get("add_bos_token") and bos is not None and (not ids or ids[0] != bos):
+            return [int(bos)] + ids
+        return ids
+
+    def _text_stream(self) -> _TextStream:
+        return _TextStream(self.decode)
+
+    # ---- the API ------------------------------------------------------------------------------
+    def params(self, **overrides: Any) -> SamplingParams:
+        """Sampling parameters: the call's overrides over the manifest's generation defaults."""
+        defaults = {k: v for k, v in self.manifest.generation.items()
+                    if k in SamplingParams.__dataclass_fields__}
+        given = {k: v for k, v in overrides.items() if v is not None}
+        p = SamplingParams(**{**defaults, **given})
+        p.check()
+        return p
+
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int | None = None,
+                 temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                 repetition_penalty: float | None = None, stop: Sequence[str] | None = None,
+                 seed: int | None = None) -> GenerationResult:
+        """Generate a completion of ``prompt`` (text, or token ids) and return it whole."""
+        result = self._start(prompt)
+        params = self.params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)
+        for _ in self._run(result, params, stop or ()):
+            pass
+        return result
+
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int | None = None,
+               temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+               repetition_penalty: float | None = None, stop: Sequence[str] | None = None,
+               seed: int | None = None, result: GenerationResult | None = None) -> Iterator[str]:
+        """Yield text pieces as they decode. Pass ``result=GenerationResult(...)`` via
+        :meth:`new_result` to read token ids, finish reason and timings afterwards."""
+        result = self._start(prompt, result)
+        params = self.params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)
+        yield from self._run(result, params, stop or ())
+
+    def chat(self, messages: list[dict[str, Any]], stream: bool = False, **kwargs: Any):
+        """Apply the artifact's chat template to ``messages`` and generate the assistant's reply."""
+        prompt = self.chat_prompt(messages)
+        return self.stream(prompt, **kwargs) if stream else self.generate(prompt, **kwargs)
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+        tok = self.manifest.tokenizer
+        return render_chat(self.manifest.chat_template, messages, add_generation_prompt=True,
+                           bos_token=tok.get("bos_token", ""), eos_token=tok.get("eos_token", ""))
+
+    @staticmethod
+    def new_result() -> GenerationResult:
+        return GenerationResult(text="", token_ids=[], prompt_token_ids=[], finish_reason="")
+
+    # ---- the one generation loop --------------------------------------------------------------
+    def _start(self, prompt: str | Sequence[int], result: GenerationResult | None = None) -> GenerationResult:
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        if not ids:
+            raise PhiEdgeError("the prompt is empty; pass some text")
+        if len(ids) >= self.context_length:
+            raise ContextLengthError(
+                f"the prompt is {len(ids)} tokens but this artifact's context is {self.context_length}; "
+                f"shorten the prompt or re-export with a longer context"
+            )
+        result = result or self.new_result()
+        result.prompt_token_ids = ids
+        return result
+
+    def _run(self, result: GenerationResult, params: SamplingParams, stop: Sequence[str]) -> Iterator[str]:
+        prompt_ids = result.prompt_token_ids
+        room = self.context_length - len(prompt_ids)
+        want = params.max_new_tokens
+        params.max_new_tokens = min(want, room)
+        text_stream = self._text_stream()
+        timings = result.timings
+        timings.prompt_tokens = len(prompt_ids)
+        held = ""  # text not yet emitted because it might be the start of a stop string
+        finish = "length"
+        hit_string = False
+        start = time.perf_counter()
+        tokens = self._token_ids(prompt_ids, params)
+        try:
+            for token in tokens:
+                now = time.perf_counter()
+                if not result.token_ids and timings.time_to_first_token_s == 0:
+                    timings.time_to_first_token_s = now - start
+                timings.generated_tokens += 1
+                if token in self.stop_token_ids:
+                    finish = "stop"
+                    break
+                result.token_ids.append(token)
+                piece = text_stream.put(token)
+                if not piece:
+                    if len(result.token_ids) >= params.max_new_tokens:
+                        break
+                    continue
+                if stop:
+                    held += piece
+                    cut = _find_stop(held, stop)
+                    if cut is not None:
+                        result.text += held[:cut]
+                        if held[:cut]:
+                            yield held[:cut]
+                        held, finish, hit_string = "", "stop", True
+                        break
+                    safe = len(held) - _longest_stop_prefix(held, stop)
+                    piece, held = held[:safe], held[safe:]
+                if piece:
+                    result.text += piece
+                    yield piece
+                if len(result.token_ids) >= params.max_new_tokens:
+                    break
+        finally:
+            tokens.close()
+        tail = "" if hit_string else held + text_stream.flush()
+        if stop and tail:
+            cut = _find_stop(tail, stop)
+            if cut is not None:
+                tail, finish = tail[:cut], "stop"
+        if tail:
+            result.text += tail
+            yield tail
+        timings.total_s = time.perf_counter() - start
+        result.finish_reason = finish
+
+
+def _find_stop(text: str, stop: Sequence[str]) -> int | None:
+    hits = [text.find(s) for s in stop if s and s in text]
+    return min(hits) if hits else None
+
+
+def _longest_stop_prefix(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that could begin a stop string."""
+    best = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
