@@ -276,5 +276,8 @@ def demo_checkpoint_cmd(folder, family, seed):
     click.echo(f"wrote a tiny {family} checkpoint to {folder}")
 
 
+from .push import push_cmd  # noqa: E402
+main.add_command(push_cmd)
+
 if __name__ == "__main__":
     main()

@@ -16,7 +16,7 @@ from phi_edge.runtimes.errors import PhiEdgeError
 from . import demo_tokenizer
 
 FAMILIES = ("phi3", "phi3-128k", "phimoe", "phi4-mini")
-FIXTURE_VERSION = 1  # bump when the fixtures change, so cached copies are rebuilt
+FIXTURE_VERSION = 2  # bump when the fixtures change, so cached copies are rebuilt
 SEED = 1234
 
 _COMMON = {
@@ -35,14 +35,14 @@ def family_config(family: str) -> dict:
     """``config.json`` for a tiny checkpoint shaped like the real ``family``."""
     if family == "phi3":  # microsoft/Phi-3-mini-4k-instruct
         return {**_COMMON, "architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
-                "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+                "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 4096,
                 "original_max_position_embeddings": 4096, "rope_scaling": None, "sliding_window": 2047,
                 "tie_word_embeddings": False}
     if family == "phi3-128k":  # microsoft/Phi-3.5-mini-instruct, LongRoPE; contexts scaled down 8x
         half = 16 // 2
         return {**_COMMON, "architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
-                "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+                "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 16384,
                 "original_max_position_embeddings": 512, "sliding_window": 262144,
                 "rope_scaling": {"type": "longrope", "short_factor": _factors(half, 1.0, 1.2),
@@ -67,7 +67,7 @@ def family_config(family: str) -> dict:
         head_dim = 64
         rot = int(head_dim * 0.75) // 2
         return {**_COMMON, "architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
-                "hidden_size": 2 * head_dim, "intermediate_size": 192, "num_hidden_layers": 2,
+                "hidden_size": 2 * head_dim, "intermediate_size": 256, "num_hidden_layers": 2,
                 "num_attention_heads": 2, "num_key_value_heads": 1, "partial_rotary_factor": 0.75,
                 "max_position_embeddings": 16384, "original_max_position_embeddings": 512,
                 "sliding_window": 262144, "rope_scaling": {"type": "longrope",

@@ -34,11 +34,25 @@ def check(ckpt, target, opts: ExportOptions) -> None:
             raise PhiEdgeError(f"--accuracy-level must be 0-4, got {q['accuracy_level']}")
         if q.get("lm_head", opts.precision) not in ("int4", "int8", "fp"):
             raise PhiEdgeError(f"--lm-head must be int4, int8 or fp, got {q['lm_head']}")
-        if q.get("embeddings", "fp") not in ("fp", opts.precision):
-            raise PhiEdgeError(f"--embeddings for onnx-genai is 'fp' or the body's precision ({opts.precision}), "
-                               f"got {q['embeddings']}")
+        emb = q.get("embeddings", "fp")
+        if emb != "fp" and not (emb == opts.precision == "int4" and ckpt.config.get("tie_word_embeddings")):
+            raise PhiEdgeError(f"--embeddings {emb}: onnxruntime-genai quantizes embeddings only at int4 and only "
+                               f"for models that tie them to the lm_head (Phi-4-mini); use --embeddings fp")
+        block = q.get("block_size", 32)
+        asym = not q.get("symmetric", True) or q.get("algorithm") == "k_quant"
+        odd = [k for k in _input_dims(ckpt.config) if k % block or (k // block) % 2]
+        if asym and odd:
+            raise PhiEdgeError(f"asymmetric quantization (--asym or --algorithm k_quant) with --block-size {block} "
+                               f"needs every input dimension to hold an even number of blocks, but "
+                               f"{', '.join(map(str, odd))} does not; use --sym or another --block-size")
     elif set(opts.quant) & OPTIONS:
         raise PhiEdgeError(f"quantization options need --precision int4 or int8, not {opts.precision}")
+
+
+def _input_dims(config: dict[str, Any]) -> list[int]:
+    """Input sizes (K) of the quantized MatMuls: hidden size and the MLP's inner size."""
+    dims = [config["hidden_size"], config["intermediate_size"]]
+    return sorted(set(dims))
 
 
 def smoke_device(target) -> str | None:

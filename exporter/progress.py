@@ -62,10 +62,12 @@ def tool_output_to_log(what: str) -> Iterator[Path]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
+    stream = open(fd, "w", buffering=1, closefd=False)
     try:
         os.dup2(fd, 1)
         os.dup2(fd, 2)
-        yield log
+        with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+            yield log
     except PhiEdgeError:
         raise
     except (KeyboardInterrupt, SystemExit):
@@ -77,6 +79,7 @@ def tool_output_to_log(what: str) -> Iterator[Path]:
         raise PhiEdgeError(f"{what} failed: {type(e).__name__}: {str(e)[:500]}"
                            + (f" (tool log {log}: {detail})" if detail else "")) from e
     finally:
+        stream.close()
         _restore(saved)
         os.close(fd)
         os.close(saved[0])

@@ -42,9 +42,11 @@ def verify(artifact: str | Path, against: str | None = None, prompt: str = VERIF
 
 
 def compare(rt, against: str, prompt: str, max_new_tokens: int) -> dict[str, Any]:
+    from .progress import tool_output_to_log
     from .reference import load_reference
 
-    ref = load_reference(against)
+    with tool_output_to_log("loading the reference checkpoint"):
+        ref = load_reference(against)
     mismatched = [p for p in TOKENIZER_PROBES if rt.encode(p) != ref.encode(p)]
     ids = ref.encode(prompt)
     ref_tokens = ref.greedy(ids, max_new_tokens)

@@ -1,0 +1,409 @@
+"""``phi-export push ARTIFACT DEST``: copy an artifact folder to a device and check it there.
+
+DEST is ``ssh://user@host[:port]/path``, ``user@host:path`` (SSH, through paramiko) or
+``adb://SERIAL/path`` (Android, through the adb program). The copy lands in a staging folder beside
+DEST and is renamed into place only when every file has arrived with its manifest sha256, so the
+device never holds half an artifact under DEST. Files already on the device with the right sha256
+are not sent again, a partly sent file continues where it stopped, and a failed copy keeps the
+staging folder so that rerunning the command resumes it. Then the device's own
+``phi-run DEST --verify --json`` checks every file, loads the artifact and generates.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+import shlex
+import sys
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from phi_edge.runtimes.errors import PhiEdgeError
+from phi_edge.runtimes.manifest import MANIFEST_NAME, Manifest, read_manifest, sha256_file
+
+STAGING_PREFIX = ".phi-edge-push-"
+OLD_PREFIX = ".phi-edge-old-"
+PARTIAL = ".partial"
+FORMS = "ssh://user@host[:port]/path, user@host:path or adb://SERIAL/path"
+q = shlex.quote
+
+# sha256 on a device without sha256sum: "HASH  NAME" lines like sha256sum's
+_PY_SHA256 = ("import hashlib,sys\nfor p in sys.argv[1:]:\n h=hashlib.sha256()\n f=open(p,'rb')\n"
+              " for b in iter(lambda:f.read(1<<20),b''):h.update(b)\n print(h.hexdigest()+'  '+p)")
+
+
+@dataclass
+class Destination:
+    scheme: str  # "ssh" or "adb"
+    host: str  # host name, or adb serial ("" for adb's only device)
+    path: str  # absolute, or relative to the login's home folder
+    user: str | None = None
+    port: int | None = None
+
+    def __str__(self) -> str:
+        if self.scheme == "adb":
+            return f"adb://{self.host}{self.path}"
+        path = self.path if self.path.startswith("/") else "/~/" + self.path
+        return f"ssh://{self.user + '@' if self.user else ''}{self.host}{f':{self.port}' if self.port else ''}{path}"
+
+
+@dataclass
+class _File:
+    rel: str
+    size: int
+    sha256: str
+    local: Path
+
+
+def parse_destination(dest: str) -> Destination:
+    bad = PhiEdgeError(f"destination '{dest}' is not one of {FORMS}")
+    if dest.startswith("ssh://"):
+        u = urllib.parse.urlsplit(dest)
+        try:
+            port = u.port
+        except ValueError:
+            raise PhiEdgeError(f"destination '{dest}' has a bad port number") from None
+        path = urllib.parse.unquote(u.path)
+        path = path[3:] if path.startswith("/~/") else path
+        if not u.hostname or path.strip("/") in ("", "~"):
+            raise bad
+        return Destination("ssh", u.hostname, path, urllib.parse.unquote(u.username) if u.username else None, port)
+    if dest.startswith("adb://"):
+        serial, slash, path = dest[len("adb://"):].partition("/")
+        if not slash or not path.strip("/"):
+            raise bad
+        return Destination("adb", serial, "/" + path)
+    m = re.fullmatch(r"(?:([^@/:]+)@)?(\[[^\]]+\]|[^@/:\[\]]+):(.+)", dest)
+    if not m or m.group(3).strip("/") in ("", "~"):
+        raise bad
+    path = m.group(3)[2:] if m.group(3).startswith("~/") else m.group(3)
+    return Destination("ssh", m.group(2).strip("[]"), path, m.group(1))
+
+
+def open_transport(d: Destination, identity: str | Path | None = None):
+    if d.scheme == "adb":
+        from .adb_transport import AdbTransport
+
+        return AdbTransport(d.host or None)
+    from .ssh_transport import SSHTransport
+
+    return SSHTransport(d.host, d.user, d.port, identity)
+
+
+def push(artifact: str | Path, dest: str, identity: str | Path | None = None, port: int | None = None,
+         remote_phi_run: str = "phi-run", verify: bool = True, on_start: Callable[[int], None] | None = None,
+         on_bytes: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Copy the artifact folder to ``dest`` and (``verify``) check it with the device's phi-run.
+
+    ``on_start(bytes_to_send)`` and ``on_bytes(n)`` report progress. Returns the report that
+    ``--json`` prints; ``report["device_verify"]["status"]`` is ok, failed or not-installed.
+    """
+    folder = Path(artifact)
+    manifest = read_manifest(folder, verify=True)
+    files = [_File(e.path, e.size, e.sha256, folder / e.path) for e in manifest.files]
+    mpath = folder / MANIFEST_NAME
+    files.append(_File(MANIFEST_NAME, mpath.stat().st_size, sha256_file(mpath), mpath))  # last: marks complete
+    d = parse_destination(dest)
+    if port is not None:
+        if d.scheme != "ssh":
+            raise PhiEdgeError("--port is for ssh:// destinations")
+        d.port = port
+    t = open_transport(d, identity)
+    try:
+        report = _copy(t, d, files, on_start or _ignore, on_bytes or _ignore)
+        report["artifact"] = str(folder)
+        report["device_verify"] = device_verify(t, report["remote_path"], manifest, remote_phi_run) if verify else None
+        return report
+    finally:
+        t.close()
+
+
+def verify_on_device(dest: str, identity: str | Path | None = None, port: int | None = None,
+                     remote_phi_run: str = "phi-run", manifest: Manifest | None = None) -> dict[str, Any]:
+    """Run the device's ``phi-run DEST --verify --json`` on an artifact already there."""
+    d = parse_destination(dest)
+    d.port = port or d.port
+    t = open_transport(d, identity)
+    try:
+        return device_verify(t, _remote_path(t, d.path), manifest, remote_phi_run)
+    finally:
+        t.close()
+
+
+def _copy(t, d: Destination, files: list[_File], on_start, on_bytes) -> dict[str, Any]:
+    start = time.perf_counter()
+    target = _remote_path(t, d.path)
+    parent, name = posixpath.split(target)
+    staging = f"{parent}/{STAGING_PREFIX}{name}"
+    where = f"{t.label}:{target}"
+    state = _probe(t, target)
+    if state == "file":
+        raise PhiEdgeError(f"{where} is a file; pass a folder path for the artifact")
+    if state == "other":
+        raise PhiEdgeError(f"{where} is a folder that holds something other than a phi-edge artifact; push replaces "
+                           f"the folder it copies to, so pass a new or empty folder")
+    report: dict[str, Any] = {"destination": str(d), "remote_path": target, "files": len(files),
+                              "total_bytes": sum(f.size for f in files), "sent": [], "resumed": [], "skipped": [],
+                              "bytes_sent": 0, "up_to_date": False}
+    in_target = _matching(t, target, files) if state == "artifact" else set()
+    if len(in_target) == len(files):
+        _sh(t, f"rm -rf {q(staging)}")  # an interrupted push of some other version, now moot
+        report.update(skipped=[f.rel for f in files], up_to_date=True, seconds=round(time.perf_counter() - start, 3))
+        return report
+    dirs = {staging} | {posixpath.dirname(f"{staging}/{f.rel}") for f in files}
+    _sh(t, "mkdir -p " + " ".join(q(x) for x in sorted(dirs)))
+    in_staging = _matching(t, staging, files)
+    reuse = [f for f in files if f.rel in in_target and f.rel not in in_staging]
+    if reuse:  # unchanged files of the artifact already at DEST: hard links, or copies where links fail
+        _sh(t, "set -e; " + "; ".join(f"ln -f {q(target + '/' + f.rel)} {q(staging + '/' + f.rel)} 2>/dev/null || "
+                                      f"cp -f {q(target + '/' + f.rel)} {q(staging + '/' + f.rel)}" for f in reuse))
+    todo = [f for f in files if f.rel not in in_staging and f.rel not in in_target]
+    partial = _sizes(t, staging, [f.rel + PARTIAL for f in todo]) if t.resumes_partial_files else {}
+    offsets = {f.rel: partial.get(f.rel + PARTIAL, 0) for f in todo}
+    offsets = {f.rel: offsets[f.rel] if offsets[f.rel] <= f.size else 0 for f in todo}
+    need = sum(f.size - offsets[f.rel] for f in todo)
+    _check_space(t, parent, need, where)
+    report["skipped"] = [f.rel for f in files if f not in todo]
+
+    def counted(n: int) -> None:
+        report["bytes_sent"] += n
+        on_bytes(n)
+
+    def send(f: _File, offset: int) -> None:
+        try:
+            t.upload(f.local, f"{staging}/{f.rel}{PARTIAL}", offset, counted)
+            t.rename(f"{staging}/{f.rel}{PARTIAL}", f"{staging}/{f.rel}")
+        except PhiEdgeError as e:
+            done = len(files) - len(todo) + todo.index(f)
+            raise PhiEdgeError(f"{e}; the copy stopped with {done} of {len(files)} files on the device (kept in "
+                               f"{staging}); rerun the same command to resume") from None
+
+    on_start(need)
+    for f in todo:
+        send(f, offsets[f.rel])
+        (report["resumed"] if offsets[f.rel] else report["sent"]).append(f.rel)
+    arrived = _hashes(t, staging, [f.rel for f in todo])
+    for f in todo:
+        if arrived.get(f.rel) != f.sha256 and offsets[f.rel]:  # the partial bytes were not this file's: again
+            send(f, 0)
+            arrived.update(_hashes(t, staging, [f.rel]))
+        if arrived.get(f.rel) != f.sha256:
+            raise PhiEdgeError(f"'{f.rel}' arrived on {where} with another sha256 than the manifest's: the "
+                               f"connection or the device's storage corrupts data; rerun to send it again")
+    _remove_extras(t, staging, files)
+    _sh(t, _swap_script(staging, target))
+    report["seconds"] = round(time.perf_counter() - start, 3)
+    return report
+
+
+def device_verify(t, remote_path: str, manifest: Manifest | None, remote_phi_run: str = "phi-run") -> dict[str, Any]:
+    """``phi-run REMOTE_PATH --verify --json`` on the device: status ok, failed or not-installed."""
+    command = f"{remote_phi_run} {q(remote_path)} --verify --json"
+    # pip's --user scripts, which non-login SSH shells leave off PATH
+    rc, out, err = t.run(f'PATH="$PATH:$HOME/.local/bin"; {command}', timeout=1800)
+    result: dict[str, Any] = {"command": command, "exit_code": rc}
+    if rc == 127:
+        from phi_edge.runtimes import BACKENDS
+
+        extra = BACKENDS.get(manifest.format, ("", "onnx"))[1] if manifest else "onnx"
+        return {**result, "status": "not-installed",
+                "message": f"phi-run is not installed on the device ('{remote_phi_run}' was not found), so the copy "
+                           f"was not run there; install it on the device with: pip install 'phi-edge[{extra}]', "
+                           f"or name it with --remote-phi-run"}
+    if rc == 0:
+        try:
+            return {**result, "status": "ok", "report": json.loads(out)}
+        except ValueError:
+            return {**result, "status": "failed", "message": f"phi-run printed no JSON report: {out.strip()[-300:]}"}
+    lines = (err.strip() or out.strip() or f"exit status {rc}").splitlines()
+    return {**result, "status": "failed", "message": lines[-1].removeprefix("error: ")}
+
+
+# ---- shell on the device ------------------------------------------------------------------------
+
+def _sh(t, command: str) -> str:
+    rc, out, err = t.run(command)
+    if rc != 0:
+        raise PhiEdgeError(f"on {t.label}, '{command[:200]}' failed: {(err or out).strip()[-300:]}")
+    return out
+
+
+def _remote_path(t, path: str) -> str:
+    if not path.startswith("/"):
+        home = _sh(t, 'printf %s "$HOME"').strip()
+        if not home.startswith("/"):
+            raise PhiEdgeError(f"{t.label} reports no home folder; give DEST an absolute path")
+        path = posixpath.join(home, path)
+    path = posixpath.normpath(path)
+    if path == "/":
+        raise PhiEdgeError("DEST cannot be the device's root folder; name a folder for the artifact")
+    return path
+
+
+def _probe(t, target: str) -> str:
+    p = q(target)
+    return _sh(t, f'if [ -f {p}/{MANIFEST_NAME} ]; then echo artifact; elif [ -d {p} ]; then '
+                  f'if [ -z "$(ls -A {p})" ]; then echo empty; else echo other; fi; '
+                  f'elif [ -e {p} ]; then echo file; else echo none; fi').strip()
+
+
+def _sizes(t, folder: str, names: list[str]) -> dict[str, int]:
+    """Sizes of those of ``names`` (relative to ``folder``) that exist on the device."""
+    if not names:
+        return {}
+    _, out, _ = t.run(f"cd {q(folder)} 2>/dev/null && stat -c '%s %n' {' '.join(q(n) for n in names)} 2>/dev/null")
+    sizes = {}
+    for line in out.splitlines():
+        size, _, name = line.partition(" ")
+        if size.isdigit() and name in names:
+            sizes[name] = int(size)
+    return sizes
+
+
+def _hashes(t, folder: str, names: list[str]) -> dict[str, str]:
+    if not names:
+        return {}
+    args = " ".join(q(n) for n in names)
+    rc, out, err = t.run(f"cd {q(folder)} && sha256sum {args}", timeout=1800)
+    if rc == 127:
+        rc, out, err = t.run(f"cd {q(folder)} && python3 -c {q(_PY_SHA256)} {args}", timeout=1800)
+        if rc == 127:
+            raise PhiEdgeError(f"{t.label} has neither sha256sum nor python3 to check the copied files with")
+    hashes = {}
+    for line in out.splitlines():
+        digest, _, name = line.partition("  ")
+        hashes[name.lstrip("*")] = digest.lstrip("\\")
+    return hashes
+
+
+def _matching(t, folder: str, files: list[_File]) -> set[str]:
+    """Files already complete in ``folder``: right size, then right sha256."""
+    sizes = _sizes(t, folder, [f.rel for f in files])
+    candidates = [f for f in files if sizes.get(f.rel) == f.size]
+    hashes = _hashes(t, folder, [f.rel for f in candidates])
+    return {f.rel for f in candidates if hashes.get(f.rel) == f.sha256}
+
+
+def _check_space(t, folder: str, need: int, where: str) -> None:
+    from .sizing import human
+
+    rc, out, _ = t.run(f"df -Pk {q(folder)}")
+    try:
+        free = int(out.strip().splitlines()[-1].split()[3]) * 1024
+    except (IndexError, ValueError):
+        return  # a df we cannot read: the copy itself will say if the space runs out
+    if rc == 0 and free < need:
+        raise PhiEdgeError(f"not enough free space for the artifact at {where}: it needs {human(need)} more and "
+                           f"the device has {human(free)} free there; free some space or choose another folder")
+
+
+def _remove_extras(t, staging: str, files: list[_File]) -> None:
+    """Leftovers of an earlier push of another version: the folder must hold this artifact only."""
+    wanted = {f.rel for f in files}
+    out = _sh(t, f"cd {q(staging)} && find . -type f")
+    extras = [line[2:] for line in out.splitlines() if line.startswith("./") and line[2:] not in wanted]
+    if extras:
+        _sh(t, f"cd {q(staging)} && rm -f " + " ".join(q(x) for x in extras))
+
+
+def _swap_script(staging: str, target: str) -> str:
+    parent, name = posixpath.split(target)
+    old = q(f"{parent}/{OLD_PREFIX}{name}")
+    return (f"rm -rf {old} && if [ -e {q(target)} ]; then mv {q(target)} {old}; fi && "
+            f"mv {q(staging)} {q(target)} && rm -rf {old}")
+
+
+def _ignore(_n: int) -> None:
+    pass
+
+
+# ---- the command ----------------------------------------------------------------------------------
+
+@click.command("push")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("dest")
+@click.option("-i", "--identity", type=click.Path(dir_okay=False, path_type=Path),
+              help="SSH private key (default: your ssh-agent, ~/.ssh/config and ~/.ssh keys).")
+@click.option("-P", "--port", type=int, help="SSH port (default: DEST's, ~/.ssh/config's, or 22).")
+@click.option("--remote-phi-run", default="phi-run", show_default=True,
+              help="How to run phi-run on the device, e.g. ~/venv/bin/phi-run.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Run 'phi-run DEST --verify --json' on the device after the copy.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
+def push_cmd(artifact, dest, identity, port, remote_phi_run, verify, as_json):
+    """Copy ARTIFACT to a device and check it there with phi-run.
+
+    \b
+      phi-export push out pi@raspberrypi.local:models/phi
+      phi-export push out ssh://pi@10.0.0.7:2222/home/pi/models/phi -i ~/.ssh/pi_key
+      phi-export push out adb://SERIAL/data/local/tmp/phi
+
+    Files already there with the same sha256 are skipped and an interrupted copy resumes when the
+    command is run again. Keys only: your agent, ~/.ssh keys or --identity; never a password.
+    """
+    from .cli import emit, fail
+
+    show = sys.stderr.isatty() and not as_json
+    progress = task = None
+    if show:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, \
+            TransferSpeedColumn
+
+        from rich.console import Console
+
+        progress = Progress(TextColumn("[bold]Copying[/]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                            TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+
+    def on_start(total: int) -> None:
+        nonlocal task
+        if progress is not None:
+            progress.start()
+            task = progress.add_task("copy", total=total)
+
+    def on_bytes(n: int) -> None:
+        if progress is not None and task is not None:
+            progress.advance(task, n)
+
+    try:
+        report = push(artifact, dest, identity=identity, port=port, remote_phi_run=remote_phi_run, verify=verify,
+                      on_start=on_start, on_bytes=on_bytes)
+    except PhiEdgeError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted; the files sent so far stay on the device: rerun the same command to resume", 130)
+    finally:
+        if progress is not None:
+            progress.stop()
+    emit(report, as_json, _print_push)
+    if report["device_verify"] and report["device_verify"]["status"] == "failed":
+        if not as_json:
+            click.echo(f"error: the check on the device failed: {report['device_verify']['message']}", err=True)
+        sys.exit(1)
+
+
+def _print_push(r: dict[str, Any]) -> None:
+    from .sizing import human
+
+    if r["up_to_date"]:
+        click.echo(f"{r['destination']} is up to date: all {r['files']} files have the manifest's sha256")
+    else:
+        extra = [f"{len(r['resumed'])} resumed"] if r["resumed"] else []
+        extra += [f"{len(r['skipped'])} already there"] if r["skipped"] else []
+        click.echo(f"Copied {len(r['sent']) + len(r['resumed'])} of {r['files']} files ({human(r['bytes_sent'])}"
+                   f"{', ' + ', '.join(extra) if extra else ''}) to {r['destination']} in {r['seconds']:.1f}s")
+    v = r["device_verify"]
+    if v is None:
+        return
+    if v["status"] == "ok":
+        d = v["report"]
+        click.echo(f"On the device: {d['files']} files match their sha256; {d['format']} loaded on {d['device']} in "
+                   f"{d['load_s']:.2f}s; generated {d['generated_tokens']} tokens at {d['decode_tokens_per_s']} "
+                   f"tokens/s: {d['text']!r}")
+    elif v["status"] == "not-installed":
+        click.echo(f"note: {v['message']}")
