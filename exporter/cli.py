@@ -154,6 +154,7 @@ def targets_cmd(as_json):
         click.echo(json.dumps({"targets": rows, "socs": socs}, indent=2))
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="phi-edge targets")
@@ -163,7 +164,7 @@ def targets_cmd(as_json):
         moe = r["moe"] + (f" ({', '.join(r['moe_precisions'])} only)" if r["moe_precisions"] else "")
         table.add_row(r["name"] + (f"\n[dim]{', '.join(r['aliases'])}[/]" if r["aliases"] else ""), r["format"],
                       r["device"], r["precision"], ", ".join(r["precisions"]), f"{r['ram_gb']:g} GB",
-                      r["extra"], moe)
+                      escape(r["extra"]), moe)
     console = Console(width=max(Console().width, 120))
     console.print(table)
     notes = {r["moe_note"] for r in rows if r["moe"] == "no" and r["moe_note"]}

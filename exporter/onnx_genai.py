@@ -24,6 +24,7 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
 def check(ckpt, target, opts: ExportOptions) -> None:
+    require_tool("onnxruntime_genai.models.builder", "the onnx-genai exporter")
     q = merged_quant(target, opts)
     if opts.precision in ("int4", "int8"):
         if q.get("block_size", 32) not in BLOCK_SIZES:
@@ -89,7 +90,6 @@ def builder_options(precision: str, q: dict[str, Any]) -> list[str]:
 
 
 def export(ckpt, target, opts: ExportOptions, out: Path, steps) -> FormatResult:
-    require_tool("onnxruntime_genai", "the onnx-genai exporter")
     from onnxruntime_genai.models import builder
 
     ep = "cuda" if target.device == "cuda" else "cpu"
