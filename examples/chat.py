@@ -8,7 +8,9 @@ rt = load(sys.argv[1])
 messages = [{"role": "system", "content": "You are a helpful assistant on a small device."}]
 while (line := input("you> ").strip()):
     messages.append({"role": "user", "content": line})
-    reply = "".join(piece for piece in rt.chat(messages, stream=True, max_new_tokens=128)
-                    if print(piece, end="", flush=True) or True)
+    reply = []
+    for piece in rt.chat(messages, stream=True, max_new_tokens=128):
+        print(piece, end="", flush=True)
+        reply.append(piece)
     print()
-    messages.append({"role": "assistant", "content": reply})
+    messages.append({"role": "assistant", "content": "".join(reply)})

@@ -28,8 +28,9 @@ class AdbTransport:
         p = self._adb(["get-state"], timeout=30)
         if p.returncode != 0 or p.stdout.strip() != "device":
             detail = (p.stderr or p.stdout).strip().splitlines()
-            raise PhiEdgeError(f"adb cannot reach {self.label} ({detail[-1] if detail else 'state ' + p.stdout.strip()}); "
-                               f"check 'adb devices' and that the phone accepted this computer")
+            why = detail[-1] if detail else f"state {p.stdout.strip()}"
+            raise PhiEdgeError(f"adb cannot reach {self.label} ({why}); check 'adb devices' and that the phone "
+                               f"accepted this computer")
 
     def _adb(self, args: list[str], timeout: float | None = None) -> subprocess.CompletedProcess:
         try:

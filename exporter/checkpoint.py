@@ -54,6 +54,11 @@ class Checkpoint:
     def weights_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.weight_files)
 
+    @property
+    def tokenizer_bytes(self) -> int:
+        """Bytes of the files every artifact copies from the checkpoint as they are."""
+        return sum((self.path / n).stat().st_size for n in TOKENIZER_FILES if (self.path / n).is_file())
+
     def tokenizer_config(self) -> dict[str, Any]:
         p = self.path / "tokenizer_config.json"
         return json.loads(p.read_text()) if p.is_file() else {}
@@ -99,14 +104,49 @@ def resolve(model: str | None, revision: str | None = None, allow_pickle: bool =
                     revision=revision)
 
 
+def read_config(model: str | None, revision: str | None = None) -> tuple[str, dict[str, Any], int]:
+    """(source, config, bytes of tokenizer files) without touching the weights: what ``plan`` needs.
+    For a hub id only config.json (and the tokenizer files' sizes) are fetched."""
+    source = model or DEFAULT_MODEL
+    if source == "demo" or source.startswith("demo:") or Path(source).expanduser().exists():
+        if source.startswith("demo"):
+            from .fixtures import demo_checkpoint
+
+            path = demo_checkpoint(source.split(":", 1)[1] if ":" in source else "phi3")
+        else:
+            path = Path(source).expanduser()
+        cfg = path / "config.json"
+        if not cfg.is_file():
+            raise CheckpointError(f"'{path}' has no config.json; pass the folder of a Hugging Face checkpoint")
+        try:
+            config = json.loads(cfg.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{cfg} is not valid JSON ({e}); re-download the checkpoint") from None
+        tok = sum((path / n).stat().st_size for n in TOKENIZER_FILES if (path / n).is_file())
+    elif _HUB_ID.match(source):
+        path = _from_hub(source, revision, False, False, defaulted=model is None, patterns=["config.json"])
+        config = json.loads((path / "config.json").read_text())
+        tok = 2 * 1024**2  # tokenizer files of a Phi model: about 2 MiB
+    else:
+        raise CheckpointError(
+            f"'{source}' is neither a local folder nor a Hugging Face model id (owner/name); "
+            f"pass a checkpoint folder, a hub id, or 'demo' for the built-in tiny model"
+        )
+    arch = (config.get("architectures") or ["(none)"])[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        supported = ", ".join(f"{a} ({what})" for a, what in SUPPORTED_ARCHITECTURES.items())
+        raise CheckpointError(f"architecture {arch} is not supported; supported are: {supported}")
+    return source, config, tok
+
+
 def _from_hub(repo: str, revision: str | None, allow_pickle: bool, trust_remote_code: bool,
-              defaulted: bool) -> Path:
+              defaulted: bool, patterns: list[str] | None = None) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise CheckpointError("loading from the Hugging Face hub needs huggingface_hub: "
                               "pip install 'phi-edge[export]', or pass a local folder") from None
-    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+    patterns = patterns or ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
     if allow_pickle:
         patterns.append("*.bin")
     if trust_remote_code:

@@ -191,7 +191,9 @@ def plan_cmd(model, target, precision, context_length, block_size, group_size, l
     """Size, RAM and fit of MODEL on a target, from its config alone (no weights are loaded)."""
     from phi_edge.targets import get_target
 
-    from .checkpoint import resolve
+    from types import SimpleNamespace
+
+    from .checkpoint import family_of, read_config
     from .export import check_moe, resolve_context, resolve_precision
     from .plan import make_plan
 
@@ -201,10 +203,13 @@ def plan_cmd(model, target, precision, context_length, block_size, group_size, l
     def go():
         t = get_target(target)
         p = resolve_precision(t, precision)
-        ckpt = resolve(model, revision=revision)
+        source, config, tokenizer_bytes = read_config(model, revision=revision)
+        ckpt = SimpleNamespace(source=source, config=config, family=family_of(config),
+                               max_context=int(config.get("max_position_embeddings", 4096)),
+                               is_moe=family_of(config) == "phimoe")
         ctx = resolve_context(ckpt, t, context_length)
-        plan = make_plan(ckpt.config, t, p, ctx, quant)
-        d = {"model": ckpt.source, "family": ckpt.family, **plan.to_dict()}
+        plan = make_plan(config, t, p, ctx, quant, extra_bytes=tokenizer_bytes)
+        d = {"model": source, "family": ckpt.family, **plan.to_dict()}
         try:
             check_moe(ckpt, t, p)
         except PhiEdgeError as e:
@@ -275,6 +280,84 @@ def demo_checkpoint_cmd(folder, family, seed):
     run_guarded(check_output, folder, False)
     write_checkpoint(folder, family, seed=SEED if seed is None else seed)
     click.echo(f"wrote a tiny {family} checkpoint to {folder}")
+
+
+@main.command("eval")
+@click.argument("artifact")
+@click.option("--against", required=True, help="Reference checkpoint (folder, hub id or demo[:family]).")
+@click.option("--text", "text_file", type=click.Path(dir_okay=False), help="Local text file (default: a small built-in text).")
+@click.option("--window", default=128, show_default=True, help="Tokens per scoring window.")
+@click.option("--stride", default=64, show_default=True, help="New tokens scored per window.")
+@click.option("--max-tokens", default=2048, show_default=True, help="Score at most this many tokens of the text.")
+@click.option("--json", "as_json", is_flag=True)
+def eval_cmd(artifact, against, text_file, window, stride, max_tokens, as_json):
+    """Quality of ARTIFACT against the source checkpoint: perplexity, ratio, KL and top-1 agreement.
+
+    ARTIFACT may also be a checkpoint (e.g. the reference itself, as a sanity check)."""
+    from .evaluate import evaluate
+
+    report = run_guarded(evaluate, artifact, against, text_file, window=window, stride=stride, max_tokens=max_tokens)
+    emit(report.to_dict(), as_json, _print_eval)
+
+
+def _print_eval(r: dict) -> None:
+    click.echo(f"{r['artifact']} against {r['reference']} on {r['text']} "
+               f"({r['tokens_scored']} tokens, {r['windows']} windows of {r['window']}, stride {r['stride']})")
+    click.echo(f"  perplexity      {r['perplexity']:.4f} (reference {r['reference_perplexity']:.4f}, "
+               f"ratio {r['perplexity_ratio']:.4f})")
+    click.echo(f"  mean KL         {r['mean_kl']:.6f} nats")
+    click.echo(f"  top-1 agreement {r['top1_agreement'] * 100:.2f}%")
+
+
+@main.command("bench")
+@click.argument("artifacts", nargs=-1, required=True)
+@click.option("--prompt-tokens", default=128, show_default=True)
+@click.option("--gen-tokens", default=64, show_default=True)
+@click.option("--warmup", default=1, show_default=True)
+@click.option("--repeats", default=5, show_default=True)
+@click.option("--device", help="Override the manifests' device.")
+@click.option("--against", help="Also measure quality (perplexity ratio) against this checkpoint for the plot.")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False), help="Draw the artifacts side by side into this PNG.")
+@click.option("--json", "as_json", is_flag=True)
+def bench_cmd(artifacts, prompt_tokens, gen_tokens, warmup, repeats, device, against, plot_file, as_json):
+    """Time to first token, prefill and decode tokens/s, load time and peak RSS of each ARTIFACT."""
+    from phi_edge.runtimes.bench import bench, plot
+
+    def go():
+        results = []
+        for a in artifacts:
+            r = bench(a, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, warmup=warmup, repeats=repeats,
+                      device=device)
+            if against:
+                from .evaluate import evaluate
+
+                r["quality"] = evaluate(a, against).to_dict()
+            results.append(r)
+        if plot_file:
+            plot(results, plot_file)
+        return results
+
+    results = run_guarded(go)
+    emit(results if len(results) > 1 else results[0], as_json, lambda _: [_print_bench(r) for r in results])
+    if plot_file and not as_json:
+        click.echo(f"plot written to {plot_file}")
+
+
+def _print_bench(r: dict) -> None:
+    from .sizing import human
+
+    def s(d, scale=1.0, fmt="{:.1f}"):
+        return f"{fmt.format(d['median'] * scale)} (min {fmt.format(d['min'] * scale)}, max {fmt.format(d['max'] * scale)})"
+
+    click.echo(f"{r['artifact']}: {r['format']} {r['precision']} on {r['device']}, {human(r['size_bytes'])}, "
+               f"{r['prompt_tokens']} prompt + {r['gen_tokens']} generated tokens, {r['repeats']} runs")
+    click.echo(f"  load              {r['load_s'] * 1000:.0f} ms")
+    click.echo(f"  first token       {s(r['time_to_first_token_s'], 1000, '{:.1f}')} ms")
+    click.echo(f"  prefill           {s(r['prefill_tokens_per_s'])} tokens/s")
+    click.echo(f"  decode            {s(r['decode_tokens_per_s'])} tokens/s")
+    click.echo(f"  peak RSS          {human(r['peak_rss_bytes'])}")
+    if "quality" in r:
+        click.echo(f"  perplexity ratio  {r['quality']['perplexity_ratio']:.4f}")
 
 
 from .push import push_cmd  # noqa: E402

@@ -95,8 +95,8 @@ def _export(model, target, module, opts, out, revision, allow_pickle, trust_remo
     check_moe(ckpt, target, precision)
     context = resolve_context(ckpt, target, opts.context_length)
     opts.context_length = context
-    plan = make_plan(ckpt.config, target, precision, context, opts.quant)
-    if not plan.fits and not force:
+    plan = make_plan(ckpt.config, target, precision, context, opts.quant, extra_bytes=ckpt.tokenizer_bytes)
+    if not plan.fits and not opts.force:
         raise PhiEdgeError(plan.refusal())
     module.check(ckpt, target, opts)
 

@@ -146,8 +146,11 @@ def demo_checkpoint(family: str = "phi3") -> Path:
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".demo-{family}-", dir=folder.parent))
+    from .progress import tool_output_to_log
+
     try:
-        write_checkpoint(tmp, family)
+        with tool_output_to_log("building the demo checkpoint"):
+            write_checkpoint(tmp, family)
         (tmp / ".complete").write_text("")
         try:
             tmp.rename(folder)

@@ -35,7 +35,7 @@ def check(ckpt, target, opts: ExportOptions) -> None:
             raise PhiEdgeError(f"--accuracy-level must be 0-4, got {q['accuracy_level']}")
         if q.get("lm_head", opts.precision) not in ("int4", "int8", "fp"):
             raise PhiEdgeError(f"--lm-head must be int4, int8 or fp, got {q['lm_head']}")
-        emb = q.get("embeddings", "fp")
+        emb = q.get("embeddings", _default_embeddings(ckpt.config, opts.precision))
         if emb != "fp" and not (emb == opts.precision == "int4" and ckpt.config.get("tie_word_embeddings")):
             raise PhiEdgeError(f"--embeddings {emb}: onnxruntime-genai quantizes embeddings only at int4 and only "
                                f"for models that tie them to the lm_head (Phi-4-mini); use --embeddings fp")
@@ -48,6 +48,11 @@ def check(ckpt, target, opts: ExportOptions) -> None:
                                f"{', '.join(map(str, odd))} does not; use --sym or another --block-size")
     elif set(opts.quant) & OPTIONS:
         raise PhiEdgeError(f"quantization options need --precision int4 or int8, not {opts.precision}")
+
+
+def _default_embeddings(config: dict[str, Any], precision: str) -> str:
+    """The builder shares one int4 matrix between tied embeddings and the lm_head."""
+    return "int4" if config.get("tie_word_embeddings") and precision == "int4" else "fp"
 
 
 def _input_dims(config: dict[str, Any]) -> list[int]:
@@ -66,12 +71,34 @@ def smoke_device(target) -> str | None:
 
 
 def estimate_bytes(config: dict[str, Any], precision: str, q: dict[str, Any], target) -> int:
+    """What the builder writes: weights (tied embeddings as the builder shares them) plus the
+    rotary cos/sin caches (two sets for LongRoPE)."""
     from .plan import default_estimate
+    from .sizing import head_dim, param_counts, quantized_bytes
 
-    return default_estimate(config, precision, q, float_bytes=2 if target.device == "cuda" else 4)
+    fb = 2 if precision == "fp16" or (target.device == "cuda" and precision != "fp32") else 4
+    q = dict(q)
+    if config.get("tie_word_embeddings") and precision in ("int4", "int8"):
+        c = param_counts(config)
+        if precision == "int4" and q.get("embeddings", "int4") != "fp":
+            q["embeddings"] = "fp"  # counted below: one int4 matrix serves the embeddings and the lm_head
+            size = default_estimate(config, precision, q, float_bytes=fb) - c.embeddings * fb
+            size += quantized_bytes(c.embeddings, 4, int(q.get("block_size", 32)), fb, not q.get("symmetric", True))
+        else:  # a float embedding table plus a quantized copy as the lm_head
+            size = default_estimate(config, precision, q, float_bytes=fb)
+            size += quantized_bytes(c.embeddings, 8 if precision == "int8" else 4, int(q.get("block_size", 32)), fb,
+                                    not q.get("symmetric", True))
+    else:
+        size = default_estimate(config, precision, {**q, "embeddings": q.get("embeddings", "fp")}, float_bytes=fb)
+    rotary = int(head_dim(config) * config.get("partial_rotary_factor", 1.0)) // 2
+    positions = config.get("max_position_embeddings", 4096)
+    if config.get("rope_scaling"):  # LongRoPE: a long cache and a short one
+        positions += config.get("original_max_position_embeddings", positions)
+    size += 2 * positions * rotary * fb
+    return size
 
 
-def builder_options(precision: str, q: dict[str, Any]) -> list[str]:
+def builder_options(precision: str, q: dict[str, Any], tied: bool = False) -> list[str]:
     """Our quantization settings as the builder's KEY=VALUE extra options."""
     if precision not in ("int4", "int8"):
         return []
@@ -84,8 +111,11 @@ def builder_options(precision: str, q: dict[str, Any]) -> list[str]:
         opts.append("matmul_mixed_precision=last_matmul:int8")
     elif lm_head == "fp":
         opts.append("nodes_to_exclude=/lm_head/MatMul")
-    if q.get("embeddings", "fp") != "fp":
+    embeddings = q.get("embeddings", "int4" if tied and precision == "int4" else "fp")
+    if embeddings != "fp":
         opts.append("op_types_to_quantize=MatMul/Gather")
+    elif tied:
+        opts.append("shared_embeddings=false")  # float embedding table, quantized lm_head
     return opts
 
 
@@ -94,7 +124,8 @@ def export(ckpt, target, opts: ExportOptions, out: Path, steps) -> FormatResult:
 
     ep = "cuda" if target.device == "cuda" else "cpu"
     q = merged_quant(target, opts)
-    extra = builder_options(opts.precision, q)
+    tied = bool(ckpt.config.get("tie_word_embeddings"))
+    extra = builder_options(opts.precision, q, tied)
     cache = out / ".builder-cache"
     with steps.step(f"Building the ONNX graph ({opts.precision}, {ep}) with onnxruntime-genai"), _builder_compat(builder):
         options = builder.parse_extra_options(None, str(ckpt.path), str(out), opts.precision, ep, str(cache), extra)
@@ -108,7 +139,7 @@ def export(ckpt, target, opts: ExportOptions, out: Path, steps) -> FormatResult:
         used.update(bits=4 if opts.precision == "int4" else 8, block_size=q.get("block_size", 32),
                     symmetric=bool(q.get("symmetric", True)), accuracy_level=q.get("accuracy_level", 4),
                     algorithm=q.get("algorithm", "rtn"), lm_head=q.get("lm_head", opts.precision),
-                    embeddings=q.get("embeddings", "fp"))
+                    embeddings=q.get("embeddings", _default_embeddings(ckpt.config, opts.precision)))
     return FormatResult(quantization=used, runtime={"device": ep})
 
 

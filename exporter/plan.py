@@ -23,7 +23,7 @@ class Plan:
     runtime_bytes: int
     device_ram_bytes: int
     fits: bool
-    moe: str  # "yes", or why not
+    moe: str  # for a Phi-3.5-MoE model: "yes", or why not
 
     def runtime_bytes_for(self, weights: int) -> int:
         return runtime_bytes(weights, self.kv_cache_bytes)
@@ -63,16 +63,19 @@ def kv_dtype_bytes(target, precision: str) -> int:
     return 2 if target.device in ("cuda", "gpu", "GPU", "NPU", "htp") or precision == "fp16" else 4
 
 
-def make_plan(config: dict[str, Any], target, precision: str, context: int, quant: dict[str, Any] | None = None) -> Plan:
+def make_plan(config: dict[str, Any], target, precision: str, context: int, quant: dict[str, Any] | None = None,
+              extra_bytes: int = 0) -> Plan:
+    """``extra_bytes``: files copied as they are (tokenizer, configs)."""
     module = format_module(target.format)
     q = merged_quant(target, ExportOptions(precision=precision, quant=dict(quant or {})))
     if hasattr(module, "estimate_bytes"):
         size = module.estimate_bytes(config, precision, q, target)
     else:
         size = default_estimate(config, precision, q)
+    size += extra_bytes
     kv = kv_cache_bytes(config, context, kv_dtype_bytes(target, precision))
     need = runtime_bytes(size, kv)
-    moe = "yes"
+    moe = "n/a (dense model)"
     if config.get("model_type") == "phimoe" or (config.get("architectures") or [""])[0] == "PhiMoEForCausalLM":
         moe = "yes" if target.moe else f"no: {target.moe_note}"
     return Plan(target=target.name, format=target.format, precision=precision, context_length=context,

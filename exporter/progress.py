@@ -62,11 +62,15 @@ def tool_output_to_log(what: str) -> Iterator[Path]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    stream = open(fd, "w", buffering=1, closefd=False)
+    # Python-level streams that are not fd 1/2 (pytest's capture, notebooks) need their own redirect.
+    # The stream is never closed: a logging handler created inside the block may keep writing to it.
+    stream = open(os.dup(fd), "w", buffering=1)
+    python_level = [contextlib.redirect_stdout(stream) if _not_fd(sys.stdout, 1) else contextlib.nullcontext(),
+                    contextlib.redirect_stderr(stream) if _not_fd(sys.stderr, 2) else contextlib.nullcontext()]
     try:
         os.dup2(fd, 1)
         os.dup2(fd, 2)
-        with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+        with python_level[0], python_level[1]:
             yield log
     except PhiEdgeError:
         raise
@@ -79,13 +83,20 @@ def tool_output_to_log(what: str) -> Iterator[Path]:
         raise PhiEdgeError(f"{what} failed: {type(e).__name__}: {str(e)[:500]}"
                            + (f" (tool log {log}: {detail})" if detail else "")) from e
     finally:
-        stream.close()
+        stream.flush()
         _restore(saved)
         os.close(fd)
         os.close(saved[0])
         os.close(saved[1])
     with contextlib.suppress(OSError):
         log.unlink()
+
+
+def _not_fd(stream, fd: int) -> bool:
+    try:
+        return stream.fileno() != fd
+    except (AttributeError, OSError, ValueError):
+        return True
 
 
 def _restore(saved: tuple[int, int]) -> None:

@@ -142,7 +142,7 @@ def _copy(t, d: Destination, files: list[_File], on_start, on_bytes) -> dict[str
     parent, name = posixpath.split(target)
     staging = f"{parent}/{STAGING_PREFIX}{name}"
     where = f"{t.label}:{target}"
-    state = _probe(t, target)
+    state, at_target, at_staging, free = _survey(t, target, staging)
     if state == "file":
         raise PhiEdgeError(f"{where} is a file; pass a folder path for the artifact")
     if state == "other":
@@ -151,24 +151,29 @@ def _copy(t, d: Destination, files: list[_File], on_start, on_bytes) -> dict[str
     report: dict[str, Any] = {"destination": str(d), "remote_path": target, "files": len(files),
                               "total_bytes": sum(f.size for f in files), "sent": [], "resumed": [], "skipped": [],
                               "bytes_sent": 0, "up_to_date": False}
-    in_target = _matching(t, target, files) if state == "artifact" else set()
+    # complete copies: the right size, then the right sha256 (one hashing pass over both folders)
+    sized = [f"{target}/{f.rel}" for f in files if at_target.get(f.rel) == f.size]
+    sized += [f"{staging}/{f.rel}" for f in files if at_staging.get(f.rel) == f.size]
+    hashes = _hashes(t, sized)
+    in_target = {f.rel for f in files if hashes.get(f"{target}/{f.rel}") == f.sha256}
     if len(in_target) == len(files):
-        _sh(t, f"rm -rf {q(staging)}")  # an interrupted push of some other version, now moot
+        if at_staging:
+            _sh(t, f"rm -rf {q(staging)}")  # an interrupted push of some other version, now moot
         report.update(skipped=[f.rel for f in files], up_to_date=True, seconds=round(time.perf_counter() - start, 3))
         return report
-    dirs = {staging} | {posixpath.dirname(f"{staging}/{f.rel}") for f in files}
-    _sh(t, "mkdir -p " + " ".join(q(x) for x in sorted(dirs)))
-    in_staging = _matching(t, staging, files)
-    reuse = [f for f in files if f.rel in in_target and f.rel not in in_staging]
-    if reuse:  # unchanged files of the artifact already at DEST: hard links, or copies where links fail
-        _sh(t, "set -e; " + "; ".join(f"ln -f {q(target + '/' + f.rel)} {q(staging + '/' + f.rel)} 2>/dev/null || "
-                                      f"cp -f {q(target + '/' + f.rel)} {q(staging + '/' + f.rel)}" for f in reuse))
+    in_staging = {f.rel for f in files if hashes.get(f"{staging}/{f.rel}") == f.sha256}
     todo = [f for f in files if f.rel not in in_staging and f.rel not in in_target]
-    partial = _sizes(t, staging, [f.rel + PARTIAL for f in todo]) if t.resumes_partial_files else {}
-    offsets = {f.rel: partial.get(f.rel + PARTIAL, 0) for f in todo}
-    offsets = {f.rel: offsets[f.rel] if offsets[f.rel] <= f.size else 0 for f in todo}
+    offsets = {}
+    for f in todo:
+        have = at_staging.get(f.rel + PARTIAL, 0) if t.resumes_partial_files else 0
+        offsets[f.rel] = have if have <= f.size else 0
     need = sum(f.size - offsets[f.rel] for f in todo)
-    _check_space(t, parent, need, where)
+    if free is not None and free < need:
+        from .sizing import human
+
+        raise PhiEdgeError(f"not enough free space for the artifact at {where}: it needs {human(need)} more and "
+                           f"the device has {human(free)} free there; free some space or choose another folder")
+    _sh(t, _prepare_script(staging, target, files, at_staging, in_target - in_staging, todo))
     report["skipped"] = [f.rel for f in files if f not in todo]
 
     def counted(n: int) -> None:
@@ -188,15 +193,15 @@ def _copy(t, d: Destination, files: list[_File], on_start, on_bytes) -> dict[str
     for f in todo:
         send(f, offsets[f.rel])
         (report["resumed"] if offsets[f.rel] else report["sent"]).append(f.rel)
-    arrived = _hashes(t, staging, [f.rel for f in todo])
+    arrived = _hashes(t, [f"{staging}/{f.rel}" for f in todo])
     for f in todo:
-        if arrived.get(f.rel) != f.sha256 and offsets[f.rel]:  # the partial bytes were not this file's: again
+        path = f"{staging}/{f.rel}"
+        if arrived.get(path) != f.sha256 and offsets[f.rel]:  # the partial bytes were not this file's: again
             send(f, 0)
-            arrived.update(_hashes(t, staging, [f.rel]))
-        if arrived.get(f.rel) != f.sha256:
+            arrived.update(_hashes(t, [path]))
+        if arrived.get(path) != f.sha256:
             raise PhiEdgeError(f"'{f.rel}' arrived on {where} with another sha256 than the manifest's: the "
                                f"connection or the device's storage corrupts data; rerun to send it again")
-    _remove_extras(t, staging, files)
     _sh(t, _swap_script(staging, target))
     report["seconds"] = round(time.perf_counter() - start, 3)
     return report
@@ -246,33 +251,42 @@ def _remote_path(t, path: str) -> str:
     return path
 
 
-def _probe(t, target: str) -> str:
-    p = q(target)
-    return _sh(t, f'if [ -f {p}/{MANIFEST_NAME} ]; then echo artifact; elif [ -d {p} ]; then '
-                  f'if [ -z "$(ls -A {p})" ]; then echo empty; else echo other; fi; '
-                  f'elif [ -e {p} ]; then echo file; else echo none; fi').strip()
-
-
-def _sizes(t, folder: str, names: list[str]) -> dict[str, int]:
-    """Sizes of those of ``names`` (relative to ``folder``) that exist on the device."""
-    if not names:
-        return {}
-    _, out, _ = t.run(f"cd {q(folder)} 2>/dev/null && stat -c '%s %n' {' '.join(q(n) for n in names)} 2>/dev/null")
-    sizes = {}
+def _survey(t, target: str, staging: str) -> tuple[str, dict[str, int], dict[str, int], int | None]:
+    """One round trip: what DEST is (none, empty, artifact, other, file), the files (with sizes) of
+    DEST when it is an artifact and of the staging folder, and the free bytes where they go."""
+    T, S, P = q(target), q(staging), q(posixpath.dirname(target))
+    out = _sh(t, f"""if [ -f {T}/{MANIFEST_NAME} ]; then echo "state artifact"
+  (cd {T} && find . -type f -exec stat -c 'T %s %n' {{}} +)
+elif [ -d {T} ]; then if [ -z "$(ls -A {T})" ]; then echo "state empty"; else echo "state other"; fi
+elif [ -e {T} ]; then echo "state file"; else echo "state none"; fi
+mkdir -p {P} || exit 1
+if [ -d {S} ]; then (cd {S} && find . -type f -exec stat -c 'S %s %n' {{}} +); fi
+echo "df $(df -Pk {P} 2>/dev/null | tail -n 1)"
+""")
+    state, free = "", None
+    found: dict[str, dict[str, int]] = {"T": {}, "S": {}}
     for line in out.splitlines():
-        size, _, name = line.partition(" ")
-        if size.isdigit() and name in names:
-            sizes[name] = int(size)
-    return sizes
+        tag, _, rest = line.partition(" ")
+        if tag == "state":
+            state = rest.strip()
+        elif tag in found:
+            size, _, name = rest.partition(" ")
+            if size.isdigit() and name.startswith("./"):
+                found[tag][name[2:]] = int(size)
+        elif tag == "df":
+            fields = rest.split()
+            free = int(fields[3]) * 1024 if len(fields) > 3 and fields[3].isdigit() else None
+    return state, found["T"], found["S"], free
 
 
-def _hashes(t, folder: str, names: list[str]) -> dict[str, str]:
-    if not names:
+def _hashes(t, paths: list[str]) -> dict[str, str]:
+    """sha256 of each of ``paths`` on the device (sha256sum, else python3)."""
+    if not paths:
         return {}
-    args = " ".join(q(n) for n in names)
-    rc, out, err = t.run(f"cd {q(folder)} && sha256sum {args}", timeout=1800)
+    args = " ".join(q(p) for p in paths)
+    rc, out, err = t.run(f"sha256sum {args}", timeout=1800)
     if rc == 127:
-        rc, out, err = t.run(f"cd {q(folder)} && python3 -c {q(_PY_SHA256)} {args}", timeout=1800)
+        rc, out, err = t.run(f"python3 -c {q(_PY_SHA256)} {args}", timeout=1800)
         if rc == 127:
             raise PhiEdgeError(f"{t.label} has neither sha256sum nor python3 to check the copied files with")
     hashes = {}
@@ -282,34 +296,20 @@ def _hashes(t, folder: str, names: list[str]) -> dict[str, str]:
     return hashes
 
 
-def _matching(t, folder: str, files: list[_File]) -> set[str]:
-    """Files already complete in ``folder``: right size, then right sha256."""
-    sizes = _sizes(t, folder, [f.rel for f in files])
-    candidates = [f for f in files if sizes.get(f.rel) == f.size]
-    hashes = _hashes(t, folder, [f.rel for f in candidates])
-    return {f.rel for f in candidates if hashes.get(f.rel) == f.sha256}
-
-
-def _check_space(t, folder: str, need: int, where: str) -> None:
-    from .sizing import human
-
-    rc, out, _ = t.run(f"df -Pk {q(folder)}")
-    try:
-        free = int(out.strip().splitlines()[-1].split()[3]) * 1024
-    except (IndexError, ValueError):
-        return  # a df we cannot read: the copy itself will say if the space runs out
-    if rc == 0 and free < need:
-        raise PhiEdgeError(f"not enough free space for the artifact at {where}: it needs {human(need)} more and "
-                           f"the device has {human(free)} free there; free some space or choose another folder")
-
-
-def _remove_extras(t, staging: str, files: list[_File]) -> None:
-    """Leftovers of an earlier push of another version: the folder must hold this artifact only."""
-    wanted = {f.rel for f in files}
-    out = _sh(t, f"cd {q(staging)} && find . -type f")
-    extras = [line[2:] for line in out.splitlines() if line.startswith("./") and line[2:] not in wanted]
+def _prepare_script(staging: str, target: str, files: list[_File], at_staging: dict[str, int], reuse: set[str],
+                    todo: list[_File]) -> str:
+    """Make the staging folder hold this artifact's files only (leftovers of another version go),
+    with DEST's unchanged files hard-linked in (copied where links fail)."""
+    keep = {f.rel for f in files} | {f.rel + PARTIAL for f in todo}
+    dirs = {staging} | {posixpath.dirname(f"{staging}/{f.rel}") for f in files}
+    lines = ["set -e", "mkdir -p " + " ".join(q(x) for x in sorted(dirs))]
+    extras = [q(f"{staging}/{rel}") for rel in at_staging if rel not in keep]
     if extras:
-        _sh(t, f"cd {q(staging)} && rm -f " + " ".join(q(x) for x in extras))
+        lines.append("rm -f " + " ".join(extras))
+    for rel in sorted(reuse):
+        src, dst = q(f"{target}/{rel}"), q(f"{staging}/{rel}")
+        lines.append(f"ln -f {src} {dst} 2>/dev/null || cp -f {src} {dst}")
+    return "\n".join(lines)
 
 
 def _swap_script(staging: str, target: str) -> str:

@@ -33,11 +33,11 @@ class SSHTransport:
         self.host = cfg.get("hostname", host)
         self.user = user or cfg.get("user") or _local_user()
         self.port = int(port or cfg.get("port") or 22)
-        keys = [str(Path(identity).expanduser())] if identity else None
-        if identity and not Path(keys[0]).is_file():
-            raise PhiEdgeError(f"--identity {identity}: no such key file")
-        if not keys and cfg.get("identityfile"):
-            keys = [str(Path(k).expanduser()) for k in cfg["identityfile"] if Path(k).expanduser().is_file()] or None
+        if identity:
+            keys = [_load_key(paramiko, Path(identity).expanduser())]
+        else:  # ~/.ssh/config's IdentityFile, where it names readable keys
+            keys = [k for k in (_load_key(paramiko, Path(p).expanduser(), strict=False)
+                                for p in cfg.get("identityfile", [])) if k is not None]
         self.label = f"{self.user}@{self.host}:{self.port}"
         self.client = paramiko.SSHClient()
         known = Path("~/.ssh/known_hosts").expanduser()
@@ -54,20 +54,22 @@ class SSHTransport:
     def _connect(self, paramiko, keys) -> None:
         where = f"{self.host} port {self.port}"
         try:
-            self.client.connect(self.host, port=self.port, username=self.user, key_filename=keys,
-                                timeout=CONNECT_TIMEOUT_S, banner_timeout=CONNECT_TIMEOUT_S,
-                                auth_timeout=CONNECT_TIMEOUT_S)
+            self.client.connect(self.host, port=self.port, username=self.user, pkey=keys[0] if keys else None,
+                                look_for_keys=not keys, timeout=CONNECT_TIMEOUT_S,
+                                banner_timeout=CONNECT_TIMEOUT_S, auth_timeout=CONNECT_TIMEOUT_S)
         except paramiko.PasswordRequiredException:
             raise PhiEdgeError(f"the SSH key for {self.label} is protected by a passphrase; add it to your agent "
                                f"with 'ssh-add KEYFILE' and rerun") from None
         except paramiko.AuthenticationException:
             raise PhiEdgeError(f"SSH authentication as {self.user} on {where} failed: no key of yours is accepted "
                                f"(passwords are not used); install your public key on the device with "
-                               f"'ssh-copy-id -p {self.port} {self.user}@{self.host}', or pass --identity FILE") from None
+                               f"'ssh-copy-id -p {self.port} {self.user}@{self.host}', "
+                               f"or pass --identity FILE") from None
         except paramiko.BadHostKeyException:
+            entry = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
             raise PhiEdgeError(f"the host key of {where} is not the one recorded in ~/.ssh/known_hosts; if the "
-                               f"device was reinstalled, remove the old key with 'ssh-keygen -R \"[{self.host}]:"
-                               f"{self.port}\"' (or -R {self.host} for port 22) and rerun") from None
+                               f"device was reinstalled, remove the old key with \"ssh-keygen -R '{entry}'\" "
+                               f"and rerun") from None
         except socket.gaierror as e:
             raise PhiEdgeError(f"cannot resolve the device's host name '{self.host}' ({e.strerror}); "
                                f"check the name or use its IP address") from None
@@ -134,6 +136,21 @@ def _paramiko():
     except ImportError:
         raise PhiEdgeError("pushing over SSH needs paramiko; install it with: pip install 'phi-edge[device]'") from None
     return paramiko
+
+
+def _load_key(paramiko, path: Path, strict: bool = True):
+    """The private key in ``path`` (any type paramiko reads), or a one-line error."""
+    try:
+        return paramiko.PKey.from_path(path)
+    except paramiko.PasswordRequiredException:
+        if not strict:
+            return None
+        raise PhiEdgeError(f"the SSH key {path} is protected by a passphrase; add it to your agent with "
+                           f"'ssh-add {path}' and leave out --identity") from None
+    except (OSError, paramiko.SSHException, ValueError) as e:
+        if not strict:
+            return None
+        raise PhiEdgeError(f"cannot read the SSH key {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def _ssh_config(host: str) -> dict:

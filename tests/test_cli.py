@@ -35,6 +35,7 @@ def test_plan_shows_size_fit_and_moe(checkpoint):
     assert r.exit_code == 0, r.output
     p = json.loads(r.stdout)
     assert p["fits"] is True and p["context_length"] == 4096 and p["parameters"] > 4_000_000
+    assert p["moe"] == "n/a (dense model)"
     r = CliRunner().invoke(phi_export, ["plan", str(checkpoint("phimoe")), "--target", "rpi5"])
     assert r.exit_code == 1
     assert "Phi-3.5-MoE       no: onnxruntime-genai runs Phi-3.5-MoE only with CUDA kernels" in r.stdout
