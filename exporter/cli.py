@@ -277,8 +277,14 @@ def demo_checkpoint_cmd(folder, family, seed):
     from .artifact import check_output
     from .fixtures import SEED, write_checkpoint
 
-    run_guarded(check_output, folder, False)
-    write_checkpoint(folder, family, seed=SEED if seed is None else seed)
+    from .progress import tool_output_to_log
+
+    def go():
+        check_output(folder, False)
+        with tool_output_to_log("writing the checkpoint"):
+            write_checkpoint(folder, family, seed=SEED if seed is None else seed)
+
+    run_guarded(go)
     click.echo(f"wrote a tiny {family} checkpoint to {folder}")
 
 

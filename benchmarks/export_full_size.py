@@ -1,0 +1,176 @@
+"""Full-size export at workstation scale: a Phi-3-mini-shaped checkpoint (3.8B parameters, random
+weights) exported to int4 for the ONNX Runtime GenAI and OpenVINO paths, ours vs the raw tool.
+
+    python benchmarks/export_full_size.py [--work DIR] [--layers 32] [--formats onnx-genai,openvino]
+
+Prints, for each format, wall time and peak RSS of ``phi-export`` and of the underlying tool run
+directly with the same settings (targets: finishes on a 24 GB, 2-core machine; our overhead
+<= 5% in time and memory), then decode tokens/s of the int4 artifact through phi_edge.runtimes
+next to the memory-bandwidth bound (weight bytes read per token vs measured bandwidth).
+
+The checkpoint is written shard by shard (one layer's tensors at a time), so building it never
+holds the model in memory. ``--layers`` below 32 gives a proportionally smaller model for a
+quick run of the same pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PHI3_MINI = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 3072,
+             "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 32, "max_position_embeddings": 4096, "original_max_position_embeddings": 4096,
+             "vocab_size": 32064, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "rope_scaling": None,
+             "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000,
+             "sliding_window": 2047, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+             "attention_dropout": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0, "initializer_range": 0.02,
+             "use_cache": True}
+
+# the same settings handed to the raw tools
+RAW = {
+    "onnx-genai": lambda ck, out: [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ck), "-o",
+                                   str(out), "-p", "int4", "-e", "cpu", "-c", str(out) + "-cache", "--extra_options",
+                                   "block_size=32", "is_symmetric=true", "accuracy_level=4", "algo_config=rtn"],
+    "openvino": lambda ck, out: ["optimum-cli", "export", "openvino", "--model", str(ck), "--task",
+                                 "text-generation-with-past", "--weight-format", "int4", "--group-size", "128",
+                                 "--ratio", "0.8", str(out)],
+}
+OURS = {"onnx-genai": "cpu", "openvino": "intel-cpu"}
+
+
+def write_checkpoint(folder: Path, layers: int) -> Path:
+    """Shard per decoder layer; each shard is generated, saved and freed before the next."""
+    import torch
+    from safetensors.torch import save_file
+
+    from phi_edge.exporter.demo_tokenizer import write_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / ".complete").exists():
+        return folder
+    cfg = {**PHI3_MINI, "num_hidden_layers": layers}
+    h, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g) * (1.0 / shape[-1] ** 0.5)).to(torch.bfloat16)
+
+    weight_map = {}
+
+    def save(name: str, tensors: dict):
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in tensors})
+
+    n = layers + 2
+    save(f"model-00001-of-{n:05d}.safetensors", {"model.embed_tokens.weight": rand(vocab, h)})
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        save(f"model-{i + 2:05d}-of-{n:05d}.safetensors", {
+            p + "self_attn.qkv_proj.weight": rand(3 * h, h), p + "self_attn.o_proj.weight": rand(h, h),
+            p + "mlp.gate_up_proj.weight": rand(2 * inter, h), p + "mlp.down_proj.weight": rand(h, inter),
+            p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+            p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)})
+    save(f"model-{n:05d}-of-{n:05d}.safetensors", {"model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
+                                                     "lm_head.weight": rand(vocab, h)})
+    total = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                     "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [32007, 32001, 32000]}))
+    write_tokenizer(folder)
+    (folder / ".complete").write_text("")
+    return folder
+
+
+def measured(cmd: list[str]) -> dict:
+    """Wall time and peak RSS of ``cmd`` (its own process tree), from a fresh parent."""
+    probe = ("import json, resource, subprocess, sys, time; t = time.perf_counter(); "
+             "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); "
+             "print(json.dumps({'rc': r.returncode, 'wall_s': time.perf_counter() - t, "
+             "'peak_rss_bytes': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, "
+             "'stderr': r.stderr[-2000:]}))")
+    out = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def bandwidth_bytes_per_s(size: int = 1 << 30) -> float:
+    import numpy as np
+
+    a = np.ones(size // 8, dtype=np.float64)
+    b = np.empty_like(a)
+    best = 0.0
+    for _ in range(3):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = max(best, 2 * a.nbytes / (time.perf_counter() - t))  # read + write
+    return best
+
+
+def decode_vs_bound(artifact: Path) -> dict:
+    from phi_edge.runtimes import load
+
+    rt = load(artifact)
+    rt.stop_token_ids = frozenset()
+    ids = rt.encode("The Raspberry Pi 5 is a small computer")
+    rt.generate(ids, max_new_tokens=4)
+    tps = rt.generate(ids, max_new_tokens=32).timings.decode_tokens_per_s
+    cfg = json.loads((artifact / "genai_config.json").read_text()) if (artifact / "genai_config.json").exists() else {}
+    weights = sum(f.size for f in rt.manifest.files if f.path.endswith((".data", ".bin", ".onnx")))
+    bw = bandwidth_bytes_per_s()
+    return {"decode_tokens_per_s": round(tps, 2), "weight_bytes_per_token": weights,
+            "measured_bandwidth_gb_s": round(bw / 1e9, 2), "bandwidth_bound_tokens_per_s": round(bw / weights, 2),
+            "share_of_bound": round(tps / (bw / weights), 3), "context_length": cfg.get("model", {}).get("context_length")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/phi-edge-full-size"))
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--formats", default="onnx-genai,openvino")
+    ap.add_argument("--keep", action="store_true", help="Keep the artifacts.")
+    args = ap.parse_args()
+    ck = write_checkpoint(args.work / f"phi3-mini-{args.layers}l", args.layers)
+    from phi_edge.exporter.sizing import param_counts
+
+    params = param_counts(json.loads((ck / "config.json").read_text())).total
+    print(f"checkpoint: {ck} ({params / 1e9:.2f}B parameters, "
+          f"{sum(p.stat().st_size for p in ck.glob('*.safetensors')) / 2**30:.1f} GiB bf16)")
+    results = {}
+    for fmt in args.formats.split(","):
+        raw_out, our_out = args.work / f"raw-{fmt}", args.work / f"ours-{fmt}"
+        for p in (raw_out, our_out, Path(str(raw_out) + "-cache")):
+            shutil.rmtree(p, ignore_errors=True)
+        raw = measured(RAW[fmt](ck, raw_out))
+        ours = measured(["phi-export", str(ck), "--target", OURS[fmt], "--int4", "-o", str(our_out),
+                         "--no-smoke-test", "--force"])
+        row = {"raw": {k: v for k, v in raw.items() if k != "stderr"}, "ours": {k: v for k, v in ours.items() if k != "stderr"}}
+        if raw["rc"] or ours["rc"]:
+            row["errors"] = {"raw": raw["stderr"][-500:] if raw["rc"] else "", "ours": ours["stderr"][-500:] if ours["rc"] else ""}
+        else:
+            row["time_overhead"] = round(ours["wall_s"] / raw["wall_s"] - 1, 4)
+            row["memory_overhead"] = round(ours["peak_rss_bytes"] / raw["peak_rss_bytes"] - 1, 4)
+            row["decode"] = decode_vs_bound(our_out)
+        results[fmt] = row
+        print(f"{fmt}: raw {raw['wall_s']:.0f}s / {raw['peak_rss_bytes'] / 2**30:.2f} GiB, "
+              f"phi-export {ours['wall_s']:.0f}s / {ours['peak_rss_bytes'] / 2**30:.2f} GiB"
+              + (f" -> overhead time {row['time_overhead']:+.1%}, memory {row['memory_overhead']:+.1%} (target <= +5%)"
+                 if "time_overhead" in row else f" -> FAILED: {row['errors']}"))
+        if "decode" in row:
+            d = row["decode"]
+            print(f"  decode {d['decode_tokens_per_s']} tokens/s through phi_edge.runtimes; bandwidth bound "
+                  f"{d['bandwidth_bound_tokens_per_s']} tokens/s ({d['weight_bytes_per_token'] / 2**30:.2f} GiB per "
+                  f"token at {d['measured_bandwidth_gb_s']} GB/s) -> {d['share_of_bound']:.0%} of the bound")
+        if not args.keep:
+            for p in (raw_out, our_out, Path(str(raw_out) + "-cache")):
+                shutil.rmtree(p, ignore_errors=True)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
