@@ -111,7 +111,8 @@ def build_manifest(folder: Path, *, ckpt, target, precision: str, fmt: str, cont
         files=file_entries(folder), context_length=context_length, stop_token_ids=stop,
         chat_template=chat_template,
         tokenizer={"bos_token": _tok_str(tok_cfg.get("bos_token")), "eos_token": _tok_str(tok_cfg.get("eos_token")),
-                   "bos_token_id": ckpt.config.get("bos_token_id"),
+                   "bos_token_id": _added_tokens(ckpt.path).get(_tok_str(tok_cfg.get("bos_token")),
+                                                                ckpt.config.get("bos_token_id")),
                    "add_bos_token": bool(tok_cfg.get("add_bos_token", False)),
                    "files": [f for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
                              if (folder / f).is_file()]},

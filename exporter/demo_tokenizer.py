@@ -60,7 +60,7 @@ def _learn_merges() -> tuple[list[str], list[list[str]]]:
     return [t for t, _ in ordered], merges
 
 
-def build_tokenizer_json(vocab_size: int, special: dict[str, int]) -> dict:
+def build_tokenizer_json(vocab_size: int, special: dict[str, int], add_bos: bool = True) -> dict:
     learned, merges = _learn_merges()
     vocab: dict[str, int] = {"<unk>": 0, "<s>": 1, "</s>": 2}
     for b in range(256):
@@ -91,7 +91,7 @@ def build_tokenizer_json(vocab_size: int, special: dict[str, int]) -> dict:
         "normalizer": {"type": "Sequence", "normalizers": [
             {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
         "pre_tokenizer": None,
-        "post_processor": {
+        "post_processor": None if not add_bos else {
             "type": "TemplateProcessing",
             "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
             "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
@@ -107,12 +107,14 @@ def build_tokenizer_json(vocab_size: int, special: dict[str, int]) -> dict:
 
 
 def write_tokenizer(folder: Path, vocab_size: int = 32064, special: dict[str, int] | None = None,
-                    model_max_length: int = 4096) -> None:
+                    model_max_length: int = 4096, add_bos: bool = True) -> None:
+    """Phi-3's tokenizers add BOS; Phi-4-mini's (``add_bos=False``) do not."""
     special = special or PHI3_SPECIAL
     folder = Path(folder)
-    (folder / "tokenizer.json").write_text(json.dumps(build_tokenizer_json(vocab_size, special), ensure_ascii=False))
+    (folder / "tokenizer.json").write_text(json.dumps(build_tokenizer_json(vocab_size, special, add_bos),
+                                                      ensure_ascii=False))
     config = {
-        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "<|endoftext|>",
+        "add_bos_token": add_bos, "add_eos_token": False, "bos_token": "<s>", "eos_token": "<|endoftext|>",
         "pad_token": "<|endoftext|>", "unk_token": "<unk>", "legacy": False, "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False, "padding_side": "left",
         "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHAT_TEMPLATE,

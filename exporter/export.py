@@ -136,6 +136,8 @@ def _smoke_test(folder: Path, module, target, notes: list[str]) -> dict[str, Any
     if device is None:
         notes.append(f"not test-loaded: this machine has no {target.device} device for target '{target.name}'")
         return None
+    if device.lower() != str(target.device).lower():
+        notes.append(f"test-loaded on {device}: this machine has no {target.device}")
     try:
         rt = load(folder, device=device)
     except BackendUnavailableError as e:

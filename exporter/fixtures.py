@@ -16,7 +16,7 @@ from phi_edge.runtimes.errors import PhiEdgeError
 from . import demo_tokenizer
 
 FAMILIES = ("phi3", "phi3-128k", "phimoe", "phi4-mini")
-FIXTURE_VERSION = 2  # bump when the fixtures change, so cached copies are rebuilt
+FIXTURE_VERSION = 3  # bump when the fixtures change, so cached copies are rebuilt
 SEED = 1234
 
 _COMMON = {
@@ -120,7 +120,7 @@ def write_checkpoint(folder: str | Path, family: str = "phi3", seed: int = SEED,
     (folder / "generation_config.json").write_text(json.dumps(_generation_config(family), indent=2) + "\n")
     if family == "phi4-mini":
         demo_tokenizer.write_tokenizer(folder, vocab_size=200064, special=demo_tokenizer.PHI4_SPECIAL,
-                                       model_max_length=config_dict["max_position_embeddings"])
+                                       model_max_length=config_dict["max_position_embeddings"], add_bos=False)
     else:
         demo_tokenizer.write_tokenizer(folder, model_max_length=config_dict["max_position_embeddings"])
     (folder / "README.md").write_text(
