@@ -31,7 +31,7 @@ def settings(precision: str, q: dict[str, Any], tied: bool) -> dict[str, Any]:
     layers = [n.strip() for n in str(q.get("int8_layers") or "").split(",") if n.strip()]
     lm_head, embeddings = q.get("lm_head", precision), q.get("embeddings", precision)
     if tied:  # one matrix is both: it keeps the more precise of the two settings
-        embeddings = lm_head = max(lm_head, embeddings, key=RANK.__getitem__)
+        embeddings = lm_head = max(lm_head, embeddings, key=lambda v: RANK.get(v, -1))
     return {"bits": BITS[precision], "group_size": int(q.get("group_size", 64)), "lm_head": lm_head,
             "embeddings": embeddings, "int8_layers": layers}
 
@@ -41,11 +41,11 @@ def check(ckpt, target, opts: ExportOptions) -> None:
     model_type = config.get("model_type", "")
     if importlib.util.find_spec("mlx_lm") is None:
         require_tool("mlx_lm", "the mlx exporter")
-    if importlib.util.find_spec(f"mlx_lm.models.{model_type}") is None:
+    if not model_type.isidentifier() or importlib.util.find_spec(f"mlx_lm.models.{model_type}") is None:
         raise PhiEdgeError(f"mlx-lm cannot convert model_type '{model_type}' ({ckpt.architecture}); "
                            f"export it for another target, e.g. --target intel-cpu")
     rope = config.get("rope_scaling") or {}
-    rope_type = rope.get("type") or rope.get("rope_type") if rope else None
+    rope_type = (rope.get("type") or rope.get("rope_type")) if rope else None
     if rope_type not in ROPE_TYPES:
         raise PhiEdgeError(f"mlx-lm's {model_type} model does not apply rope_scaling type '{rope_type}' "
                            f"(it takes longrope, su or linear); export this checkpoint for another target")

@@ -1,18 +1,19 @@
 """Static-shape Phi graphs for the Hexagon NPU: a prefill graph over a fixed chunk of tokens and a
 one-token decode graph, both over a fixed KV window, exported to ONNX (opset 23) with torch.
 
-What makes them run well once quantized to 16-bit activations on HTP:
+What makes them run well on HTP once quantized (see ``qnn_quant``):
 
 - RMSNorm goes through ``torch.nn.functional.rms_norm`` and exports as one ``RMSNormalization``
   node (the decomposed form's quantized reciprocal is badly off on HTP);
-- the attention mask is an input the host fills with 0 or ``MASK_VALUE`` (a moderate value: -3.4e38
-  would swallow the 16-bit scale of the attention scores);
-- rotary tables (LongRoPE included) are constants gathered by ``position_ids``; int32 ids.
+- the attention mask is an input the host fills with 0 or ``MASK_VALUE``, a moderate value:
+  -3.4e38 overflows fp16 and would swallow any 16-bit quantization scale of the scores;
+- rotary tables (LongRoPE included) are constants gathered by ``position_ids``; int32 ids;
+- the KV cache travels as fp16, the precision HTP computes attention in.
 
 Graph I/O (T = chunk, C = KV window, per layer ``i``):
   inputs  ``input_ids`` int32 [1, T], ``position_ids`` int32 [1, T], ``attention_bias`` f32
-          [1, 1, T, C + T], ``past_key_i`` / ``past_value_i`` f32 [1, kv_heads, C, head_dim];
-  outputs ``logits`` f32 [1, T, vocab], ``present_key_i`` / ``present_value_i`` f32
+          [1, 1, T, C + T], ``past_key_i`` / ``past_value_i`` f16 [1, kv_heads, C, head_dim];
+  outputs ``logits`` f32 [1, T, vocab], ``present_key_i`` / ``present_value_i`` f16
           [1, kv_heads, T, head_dim] (the new entries only: the host writes them into its cache).
 """
 
@@ -104,9 +105,9 @@ def build_module(hf_model, context: int, chunk: int):
                 v = qkv[..., (heads + kv_heads) * head_dim:].view(1, t, kv_heads, head_dim).transpose(1, 2)
                 k = self._rotate(k.transpose(1, 2), c, s)
                 q = self._rotate(q, c, s)
-                presents += [k, v]
-                keys = torch.cat((past[2 * i], k), dim=2)
-                values = torch.cat((past[2 * i + 1], v), dim=2)
+                presents += [k.half(), v.half()]  # the cache travels as fp16
+                keys = torch.cat((past[2 * i].float(), k), dim=2)
+                values = torch.cat((past[2 * i + 1].float(), v), dim=2)
                 if kv_heads != heads:
                     keys = keys.repeat_interleave(heads // kv_heads, dim=1)
                     values = values.repeat_interleave(heads // kv_heads, dim=1)
@@ -132,7 +133,7 @@ def example_inputs(module, chunk: int):
     ids = torch.zeros((1, chunk), dtype=torch.int32)
     pos = torch.arange(chunk, dtype=torch.int32)[None]
     bias = torch.zeros((1, 1, chunk, context + chunk), dtype=torch.float32)
-    past = [torch.zeros(module.kv_shape, dtype=torch.float32) for _ in range(2 * n)]
+    past = [torch.zeros(module.kv_shape, dtype=torch.float16) for _ in range(2 * n)]
     return (ids, pos, bias, *past)
 
 

@@ -3,14 +3,16 @@
 The artifact holds two static graphs over one fixed KV window (see the exporter's
 ``qnn_graph``): a prefill graph taking a chunk of tokens and a one-token decode graph, either as
 EPContext models with their compiled ``*_qnn.bin`` binaries or as QDQ models QNN compiles on
-load. This module keeps the KV cache on the host, builds the attention bias, drives the two
-graphs, and samples on the host with numpy. Tokenization is the ``tokenizers`` package on the
-artifact's ``tokenizer.json``. On an x86-64 workstation the same code runs on the QNN HTP
-simulator. Imports only onnxruntime, onnxruntime_qnn, tokenizers and numpy.
+load (once: the binaries are cached). This module keeps the KV cache (fp16) on the host, builds
+the attention bias, drives the two graphs, and samples on the host with numpy. Tokenization is
+the ``tokenizers`` package on the artifact's ``tokenizer.json``. On an x86-64 workstation the
+same code runs on the QNN HTP simulator. Imports only onnxruntime, onnxruntime_qnn, tokenizers
+and numpy.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -18,11 +20,12 @@ import numpy as np
 
 from . import require
 from .base import Runtime, SamplingParams
-from .errors import ContextLengthError, PhiEdgeError
+from .errors import ContextLengthError, ManifestError, PhiEdgeError
 from .manifest import Manifest
 
 FORMAT = "qnn"
 DEVICES = ("htp", "cpu")  # cpu: the QDQ graphs on ONNX Runtime's CPU provider (uncompiled artifacts only)
+RUNTIME_KEYS = ("graphs", "compiled", "prefill_chunk", "num_layers", "mask_value", "htp_arch", "soc_model")
 
 
 class StaticModel:
@@ -39,7 +42,7 @@ class StaticModel:
         self.chunk, self.context, self.mask_value = chunk, context, float(mask_value)
         self.sliding_window = int(sliding_window or 0)
         self.record = record
-        self.cache = [np.zeros(kv_shape, dtype=np.float32) for _ in range(2 * num_layers)]
+        self.cache = [np.zeros(kv_shape, dtype=np.float16) for _ in range(2 * num_layers)]  # as the graphs take it
         self.length = 0
 
     def reset(self) -> None:
@@ -124,6 +127,9 @@ class QnnRuntime(Runtime):
             raise PhiEdgeError(f"qnn artifacts run on {', '.join(DEVICES)}, not '{device}'")
         super().__init__(folder, manifest, device)
         rt = manifest.runtime
+        missing = [k for k in RUNTIME_KEYS if k not in rt]
+        if missing:
+            raise ManifestError(f"the manifest's runtime section lacks {', '.join(missing)}; re-export the model")
         tokenizers = require("tokenizers", FORMAT)
         tok_path = self.folder / "tokenizer.json"
         if not tok_path.is_file():
@@ -150,10 +156,16 @@ class QnnRuntime(Runtime):
             ort = require("onnxruntime", FORMAT)
             so = ort.SessionOptions()
             so.log_severity_level = 3
+            # unfused: ORT's fused int kernels round differently; this is the QDQ model as written
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-        from .qnn_session import open_session
+        from .qnn_session import compiled_once, open_session
 
-        return open_session(path, int(rt["htp_arch"]), int(rt["soc_model"]), bool(rt.get("block_quant")))
+        arch, soc, block_quant = int(rt["htp_arch"]), int(rt["soc_model"]), bool(rt.get("block_quant"))
+        if not rt.get("compiled"):  # QDQ graphs: compile on the first load, reuse the binary after that
+            shas = "".join(f.sha256 for f in self.manifest.files if f.path.startswith(path.name))  # + .data
+            path = compiled_once(path, hashlib.sha256(shas.encode()).hexdigest(), arch, soc, block_quant)
+        return open_session(path, arch, soc, block_quant)
 
     def encode(self, text: str) -> list[int]:
         return self.with_bos(self._tokenizer.encode(text, add_special_tokens=True).ids)

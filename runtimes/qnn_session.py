@@ -11,8 +11,11 @@ Shared by the runtime (:mod:`phi_edge.runtimes.qnn`) and the exporter (compilati
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from . import require
 from .errors import PhiEdgeError
@@ -70,6 +73,34 @@ def session_options(htp_arch: int, soc_model: int, block_quant: bool = False,
     return so
 
 
+@contextlib.contextmanager
+def _native_stdout_to_stderr() -> Iterator[None]:
+    """The x86-64 HTP simulator prints a banner on stdout when it starts; keep stdout for our
+    output (``phi-run --json``) by sending fd 1 to stderr while QNN loads a graph."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):  # no real stdout (embedded interpreters, some test runners)
+        yield
+        return
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        _flush_c_stdio()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _flush_c_stdio() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
+
+
 def open_session(model: Path, htp_arch: int, soc_model: int, block_quant: bool = False,
                  record_assignment: bool = False):
     """An InferenceSession of ``model`` (a QDQ model or an EPContext model) entirely on HTP."""
@@ -77,7 +108,8 @@ def open_session(model: Path, htp_arch: int, soc_model: int, block_quant: bool =
     config = {"session.record_ep_graph_assignment_info": "1"} if record_assignment else None
     so = session_options(htp_arch, soc_model, block_quant, config)
     try:
-        return ort.InferenceSession(str(model), sess_options=so)
+        with _native_stdout_to_stderr():
+            return ort.InferenceSession(str(model), sess_options=so)
     except Exception as e:
         raise PhiEdgeError(f"the QNN HTP backend could not load {Path(model).name} for htp v{htp_arch} "
                            f"(soc_model {soc_model}): {_first_line(e)}; re-export for this device's --soc, "
@@ -89,11 +121,35 @@ def compile_context(model: Path, out: Path, htp_arch: int, soc_model: int, block
     ort, _ = engine()
     so = session_options(htp_arch, soc_model, block_quant)
     try:
-        ort.ModelCompiler(so, str(model), embed_compiled_data_into_model=False).compile_to_file(str(out))
+        with _native_stdout_to_stderr():
+            ort.ModelCompiler(so, str(model), embed_compiled_data_into_model=False).compile_to_file(str(out))
     except Exception as e:
         raise PhiEdgeError(f"QNN could not compile {Path(model).name} for htp v{htp_arch} (soc_model {soc_model}): "
                            f"{_first_line(e)}") from None
     return Path(out)
+
+
+def cache_dir() -> Path:
+    """Where QDQ artifacts keep the context binaries QNN compiled on their first load."""
+    base = os.environ.get("PHI_EDGE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "phi-edge")
+    return Path(base) / "qnn-contexts"
+
+
+def compiled_once(model: Path, fingerprint: str, htp_arch: int, soc_model: int, block_quant: bool = False) -> Path:
+    """The EPContext model of a QDQ ``model``: compiled on the first call, reused after that.
+    ``fingerprint`` (e.g. the model file's sha256) names the cache entry with the SoC profile and
+    the QNN version, so a changed model or backend compiles afresh."""
+    _, qnn = engine()
+    key = f"{fingerprint[:16]}-v{htp_arch}-{soc_model}-{int(block_quant)}-qnn{getattr(qnn, '__version__', '')}"
+    folder = cache_dir() / key
+    ctx = folder / f"{Path(model).stem}_ctx.onnx"
+    if ctx.is_file() and (folder / ".complete").is_file():
+        return ctx
+    folder.mkdir(parents=True, exist_ok=True)
+    compile_context(model, ctx, htp_arch, soc_model, block_quant)
+    (folder / ".complete").write_text("")
+    return ctx
 
 
 def assignment(session) -> dict[str, list[str]]:
