@@ -48,6 +48,11 @@ def build_artifact(fmt: str, work: Path) -> Path:
     finally:
         fixtures.family_config = original
     target, precision = TARGETS[fmt]
+    if fmt == "mlx":
+        import mlx.core as mx
+
+        if not mx.is_available(mx.gpu):  # MLX's CPU build runs float16 (quantized) matmuls very slowly
+            precision = "fp32"
     out = work / f"artifact-{fmt}"
     run_export(str(ckpt), target, out, precision=precision, context_length=1024, smoke_test=False)
     return out

@@ -10,7 +10,7 @@ The sysroot is debootstrap's download of ``minbase`` + python3.11, unpacked with
 installed with ``--target``. ``qemu-aarch64-static -L SYSROOT`` serves the sysroot's files for
 absolute paths, including a ``/proc/cpuinfo`` that describes a Raspberry Pi 5's Cortex-A76 (ONNX
 Runtime's CPU detection crashes without one). Everything lives under PHI_EDGE_ARM64_CACHE
-(default ``.ci/cache/arm64`` in the repository); phi-edge itself is reinstalled from this checkout
+(default ``~/.cache/phi-edge/arm64``, outside the checkout so fresh clones reuse it); phi-edge itself is reinstalled from this checkout
 on every build.
 """
 
@@ -49,7 +49,9 @@ class HarnessUnavailable(Exception):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("PHI_EDGE_ARM64_CACHE") or REPO / ".ci" / "cache" / "arm64")
+    # outside the checkout, so CI's fresh clones on the same machine reuse it
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "phi-edge" / "arm64"
+    return Path(os.environ.get("PHI_EDGE_ARM64_CACHE") or default)
 
 
 def debian_mirror() -> str:
