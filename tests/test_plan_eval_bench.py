@@ -10,16 +10,21 @@ from click.testing import CliRunner
 
 from phi_edge.exporter.cli import main as phi_export
 
-# every (target, precision) whose estimate is checked against the real export; other formats add theirs
-ESTIMATED = [("cpu", "fp32"), ("cpu", "fp16"), ("rpi5", "int8"), ("rpi5", "int4")]
+# (family, target, precision) whose plan estimate is checked against the real export: every format
+# and precision on phi3, and the ONNX ones on the LongRoPE family too
+ONNX = [("cpu", "fp32"), ("cpu", "fp16"), ("rpi5", "int8"), ("rpi5", "int4")]
+OTHERS = [("apple-silicon", "fp32"), ("apple-silicon", "fp16"), ("apple-silicon", "int8"), ("apple-silicon", "int4"),
+          ("intel-cpu", "fp32"), ("intel-cpu", "fp16"), ("intel-cpu", "int8"), ("intel-cpu", "int4"),
+          ("intel-npu", "int4"), ("qualcomm-npu", "int8"), ("qualcomm-npu", "int4")]
+ESTIMATED = [(f, t, p) for f in ("phi3", "phi3-128k") for t, p in ONNX] + [("phi3", t, p) for t, p in OTHERS]
 
 
-@pytest.mark.parametrize("target,precision", ESTIMATED)
-@pytest.mark.parametrize("family", ["phi3", "phi3-128k"])
+@pytest.mark.parametrize("family,target,precision", ESTIMATED)
 def test_plan_size_estimate_within_10_percent(exported, checkpoint, family, target, precision):
-    out = exported(target, precision, family=family, context_length=4096 if family == "phi3" else 2048)
+    context = 256 if target == "qualcomm-npu" else 4096 if family == "phi3" else 2048
+    out = exported(target, precision, family=family, context_length=context)
     args = ["plan", str(checkpoint(family)), "--target", target, "--precision", precision, "--json",
-            "--context-length", "4096" if family == "phi3" else "2048"]
+            "--context-length", str(context)]
     r = CliRunner().invoke(phi_export, args)
     assert r.exit_code == 0, r.output
     plan = json.loads(r.stdout)
