@@ -245,18 +245,6 @@ def test_clear_errors(exported, checkpoint, tmp_path):
         load(exported("intel-cpu", "fp32"), device=missing)
 
 
-def test_size_estimate_matches_the_artifact(exported, checkpoint):
-    from phi_edge.exporter.checkpoint import validate
-    from phi_edge.exporter.plan import make_plan
-    from phi_edge.targets import get_target
-
-    config = validate(checkpoint("phi3")).config
-    for target, precision in (("intel-cpu", "fp32"), ("intel-npu", "int4")):
-        actual = (exported(target, precision) / "openvino_model.bin").stat().st_size
-        estimate = make_plan(config, get_target(target), precision, 1024).artifact_bytes
-        assert 0.8 < estimate / actual < 1.25, (target, estimate, actual)
-
-
 # ---- reading the IR -----------------------------------------------------------------------------
 
 def _consumer(node):
