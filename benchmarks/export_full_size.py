@@ -52,19 +52,22 @@ def write_checkpoint(folder: Path, layers: int) -> Path:
     from phi_edge.exporter.demo_tokenizer import write_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
-    if (folder / ".complete").exists():
+    if (folder / ".complete-v2").exists():
         return folder
     cfg = {**PHI3_MINI, "num_hidden_layers": layers}
     h, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     g = torch.Generator().manual_seed(0)
     made: dict[tuple, torch.Tensor] = {}
+    uses: dict[tuple, int] = {}
 
     def rand(*shape):
-        # one random tensor per shape, reused by every layer: the export's work does not depend on the
-        # values, and drawing 3.8B normal samples on 2 cores would take longer than the export itself
+        # one random draw per shape, rolled by a different row offset for every use: drawing 3.8B normal
+        # samples on 2 cores would take longer than the export, and identical tensors must be avoided
+        # because OpenVINO folds identical constants into one (a tenth of the real size and work)
         if shape not in made:
             made[shape] = (torch.randn(*shape, generator=g) * (1.0 / shape[-1] ** 0.5)).to(torch.bfloat16)
-        return made[shape]
+        uses[shape] = uses.get(shape, 0) + 1
+        return torch.roll(made[shape], shifts=uses[shape] * 7, dims=0).contiguous()
 
     weight_map = {}
 
@@ -89,7 +92,7 @@ def write_checkpoint(folder: Path, layers: int) -> Path:
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [32007, 32001, 32000]}))
     write_tokenizer(folder)
-    (folder / ".complete").write_text("")
+    (folder / ".complete-v2").write_text("")
     return folder
 
 
