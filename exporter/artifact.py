@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from phi_edge.runtimes.errors import PhiEdgeError
-from phi_edge.runtimes.manifest import MANIFEST_NAME, Manifest, file_entries
+from phi_edge.runtimes.manifest import Manifest, file_entries
 
 STAGING_PREFIX = ".phi-edge-staging-"
 
@@ -158,7 +158,3 @@ def _tok_str(v) -> str:
     if isinstance(v, dict):
         return v.get("content", "")
     return v or ""
-
-
-def remove_manifest(folder: Path) -> None:
-    (Path(folder) / MANIFEST_NAME).unlink(missing_ok=True)

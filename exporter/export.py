@@ -39,7 +39,7 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)
 
 
-def resolve_precision(target, precision: str | None, ckpt=None) -> str:
+def resolve_precision(target, precision: str | None) -> str:
     precision = precision or target.precision
     if precision not in target.precisions:
         raise PhiEdgeError(f"target '{target.name}' does not take precision {precision}; "

@@ -76,6 +76,20 @@ def real_tokenizer() -> Path:
     return REAL_TOKENIZER
 
 
+def assert_matches_reference(rt, ref, prompt: str, new_tokens: int = 32) -> list[int]:
+    """The artifact tokenizes ``prompt`` like the source, generates the reference's greedy tokens
+    exactly, and its logits agree; returns the prompt ids."""
+    import numpy as np
+
+    ids = ref.encode(prompt)
+    assert rt.encode(prompt) == ids  # tokenization survives the export, BOS included
+    result = rt.generate(prompt, max_new_tokens=new_tokens, temperature=0)
+    assert result.token_ids == ref.greedy(ids, new_tokens)
+    assert result.finish_reason == "length"
+    np.testing.assert_allclose(rt.logits(ids), ref.logits(ids), atol=2e-3)
+    return ids
+
+
 def real_tokenizer_vectors(folder: Path) -> list[tuple[str, list[int]]]:
     """llama.cpp's Phi-3 tokenizer test vectors: (text, expected ids without BOS)."""
     inputs = (folder / "ggml-vocab-phi-3.gguf.inp").read_text().split("\n__ggml_vocab_test__\n")
