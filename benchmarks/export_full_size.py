@@ -49,7 +49,7 @@ def write_checkpoint(folder: Path, layers: int) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from phi_edge.exporter.demo_tokenizer import write_tokenizer
+    from phi_edge.exporter.fixtures.tokenizer import write_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / ".complete-v2").exists():

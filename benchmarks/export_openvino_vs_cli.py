@@ -46,7 +46,7 @@ def build_checkpoint(work: Path) -> Path:
 def cli_flags(target_name: str, precision: str) -> list[str]:
     """optimum-cli's flags for what phi-export does for ``target_name`` at ``precision``."""
     from phi_edge.exporter.formats import ExportOptions, merged_quant
-    from phi_edge.exporter.openvino import settings
+    from phi_edge.exporter.formats.openvino import settings
     from phi_edge.targets import get_target
 
     flags = ["--weight-format", precision]

@@ -94,28 +94,21 @@ def _age_s(p: Path) -> float:
 
 def build_manifest(folder: Path, *, ckpt, target, precision: str, fmt: str, context_length: int,
                    quantization: dict[str, Any], runtime: dict[str, Any], tools: dict[str, str],
-                   memory: dict[str, Any], verification: dict[str, Any] | None = None) -> Manifest:
-    """Fill in the manifest for the files now in ``folder`` and write it there."""
-    tok_cfg = ckpt.tokenizer_config()
-    gen_cfg = ckpt.generation_config()
-    chat_template = tok_cfg.get("chat_template") or ""
-    if not chat_template and (ckpt.path / "chat_template.jinja").is_file():
-        chat_template = (ckpt.path / "chat_template.jinja").read_text()
-    if isinstance(chat_template, list):  # named templates: use the default one
-        chat_template = next((t["template"] for t in chat_template if t.get("name") == "default"), "")
-    stop = stop_token_ids(ckpt, gen_cfg)
+                   memory: dict[str, Any], tokenizer: dict[str, Any],
+                   verification: dict[str, Any] | None = None) -> Manifest:
+    """Fill in the manifest for the files now in ``folder`` and write it there. ``tokenizer`` is
+    :func:`phi_edge.exporter.source_tokenizer.manifest_entry`: what the source's encode adds."""
+    from .source_tokenizer import chat_template_of
+
     manifest = Manifest(
         format=fmt, family=ckpt.family, target=target.name, precision=precision,
         source={"model": ckpt.source, "path": str(ckpt.path), "revision": ckpt.revision,
                 "architecture": ckpt.architecture, "config_sha256": ckpt.config_sha256},
-        files=file_entries(folder), context_length=context_length, stop_token_ids=stop,
-        chat_template=chat_template,
-        tokenizer={"bos_token": _tok_str(tok_cfg.get("bos_token")), "eos_token": _tok_str(tok_cfg.get("eos_token")),
-                   "bos_token_id": _added_tokens(ckpt.path).get(_tok_str(tok_cfg.get("bos_token")),
-                                                                ckpt.config.get("bos_token_id")),
-                   "add_bos_token": bool(tok_cfg.get("add_bos_token", False)),
-                   "files": [f for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-                             if (folder / f).is_file()]},
+        files=file_entries(folder), context_length=context_length,
+        stop_token_ids=stop_token_ids(ckpt, ckpt.generation_config()),
+        chat_template=chat_template_of(ckpt.path, ckpt.tokenizer_config()),
+        tokenizer={**tokenizer, "files": [f for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+                                          if (folder / f).is_file()]},
         quantization=quantization,
         generation={"max_new_tokens": 256, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
                     "repetition_penalty": 1.0},
@@ -152,9 +145,3 @@ def _added_tokens(path: Path) -> dict[str, int]:
         return {t["content"]: t["id"] for t in json.loads(p.read_text()).get("added_tokens", [])}
     except (ValueError, KeyError, TypeError):
         return {}
-
-
-def _tok_str(v) -> str:
-    if isinstance(v, dict):
-        return v.get("content", "")
-    return v or ""

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
 from phi_edge.runtimes.errors import PhiEdgeError
 
 from .checkpoint import DEFAULT_MODEL
+from .console import emit, run_guarded
 
 
 class DefaultToExport(click.Group):
@@ -22,27 +22,6 @@ class DefaultToExport(click.Group):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["export", *args]
         return super().parse_args(ctx, args)
-
-
-def fail(message: str, code: int = 1):
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def emit(data: Any, as_json: bool, human) -> None:
-    if as_json:
-        click.echo(json.dumps(data, indent=2, default=str))
-    else:
-        human(data)
-
-
-def run_guarded(fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except PhiEdgeError as e:
-        fail(str(e))
-    except KeyboardInterrupt:
-        fail("interrupted; nothing was written to the output folder", 130)
 
 
 @click.group(cls=DefaultToExport, context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,7 +52,7 @@ def _default_output(model: str | None, target: str, precision: str | None) -> st
 @click.option("--block-size", type=int, help="[onnx-genai, qnn] Weights per quantization block.")
 @click.option("--group-size", type=int, help="[openvino, mlx] Weights per quantization group (-1: per channel).")
 @click.option("--sym/--asym", "symmetric", default=None, help="[onnx-genai, openvino] Symmetric or asymmetric quantization.")
-@click.option("--accuracy-level", type=int, help="[onnx-genai] MatMulNBits accuracy level: 0 (default), 1 fp32, 2 fp16, 3 bf16, 4 int8.")
+@click.option("--accuracy-level", type=int, help="[onnx-genai] MatMulNBits accuracy level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 (the targets' default).")
 @click.option("--algorithm", type=click.Choice(["rtn", "k_quant"]), help="[onnx-genai] Weight-only quantization algorithm.")
 @click.option("--lm-head", type=click.Choice(["int4", "int8", "fp"]), help="[onnx-genai, mlx] Precision of the lm_head (mixed precision).")
 @click.option("--embeddings", type=click.Choice(["fp", "int4", "int8"]), help="[onnx-genai, mlx] Precision of the token embeddings.")
@@ -242,14 +221,21 @@ def _print_plan(d: dict) -> None:
 @click.option("--prompt", default=None, help="Prompt for the comparison.")
 @click.option("--max-new-tokens", default=32, show_default=True)
 @click.option("--device", help="Override the manifest's device.")
+@click.option("--min-cosine", type=float, help="Lowest acceptable mean logit cosine (default: by precision, printed).")
+@click.option("--min-top1", type=float, help="Lowest acceptable top-1 agreement, 0-1 (default: by precision, printed).")
 @click.option("--json", "as_json", is_flag=True)
-def verify_cmd(artifact, against, prompt, max_new_tokens, device, as_json):
-    """Check an artifact's files, load it, generate; with --against, compare with transformers."""
+def verify_cmd(artifact, against, prompt, max_new_tokens, device, min_cosine, min_top1, as_json):
+    """Check an artifact's files, load it, generate; with --against, compare with transformers.
+
+    Exits non-zero when the tokenizer disagrees with the source, greedy generation differs at
+    fp32/fp16, or the logit cosine or top-1 agreement falls below the printed thresholds."""
     from .verify import VERIFY_PROMPT, verify
 
     report = run_guarded(verify, artifact, against=against, prompt=prompt or VERIFY_PROMPT,
-                         max_new_tokens=max_new_tokens, device=device)
+                         max_new_tokens=max_new_tokens, device=device, min_cosine=min_cosine, min_top1=min_top1)
     emit(report, as_json, _print_verify)
+    if not report["passed"]:
+        sys.exit(1)
 
 
 def _print_verify(r: dict) -> None:
@@ -259,13 +245,24 @@ def _print_verify(r: dict) -> None:
     click.echo(f"  generated  {len(g['token_ids'])} tokens at {g['decode_tokens_per_s']:.1f} tokens/s "
                f"(first token {g['time_to_first_token_s'] * 1000:.0f} ms): {g['text']!r}")
     a = r.get("against")
-    if a:
-        click.echo(f"  against    {a['reference']}")
-        click.echo(f"  tokenizer  {'agrees' if a['tokenizer_agrees'] else 'DISAGREES on ' + repr(a['tokenizer_mismatches'])}")
-        click.echo(f"  greedy     {'identical' if a['greedy_tokens_equal'] else 'differs'} "
-                   f"({a['greedy_matching_prefix']}/{a['greedy_compared']} tokens match before the first difference)")
-        click.echo(f"  top-1      {a['top1_agreement'] * 100:.1f}% agreement over {a['positions']} positions")
-        click.echo(f"  cosine     {a['logit_cosine_mean']:.6f} mean, {a['logit_cosine_min']:.6f} min (next-token logits)")
+    if not a:
+        return
+    t = a["thresholds"]
+    click.echo(f"  against    {a['reference']}")
+    click.echo(f"  tokenizer  {'agrees' if a['tokenizer_agrees'] else 'DISAGREES on ' + repr(a['tokenizer_mismatches'])}")
+    same = a["greedy_tokens_equal"] and a["greedy_text_equal"]
+    click.echo(f"  greedy     {'identical' if same else 'differs'} through text "
+               f"({a['greedy_matching_prefix']}/{a['greedy_compared']} tokens match before the first difference"
+               f"{'; decoded text differs' if a['greedy_tokens_equal'] and not a['greedy_text_equal'] else ''})"
+               f"{' [must match at this precision]' if t['greedy_must_match'] else ''}")
+    click.echo(f"  top-1      {a['top1_agreement'] * 100:.1f}% agreement over {a['positions']} positions "
+               f"(threshold {t['min_top1_agreement'] * 100:.0f}%)")
+    click.echo(f"  cosine     {a['logit_cosine_mean']:.6f} mean, {a['logit_cosine_min']:.6f} min (next-token logits "
+               f"on {a['logits_on']}; threshold {t['min_logit_cosine_mean']} mean)")
+    for f in a["failures"]:
+        click.echo(f"FAILED: {f}", err=True)
+    if not a["failures"]:
+        click.echo("  verdict    passed")
 
 
 @main.command("demo-checkpoint")
@@ -276,7 +273,6 @@ def demo_checkpoint_cmd(folder, family, seed):
     """Write a tiny random-weight Phi checkpoint shaped like FAMILY (for demos and tests)."""
     from .artifact import check_output
     from .fixtures import SEED, write_checkpoint
-
     from .progress import tool_output_to_log
 
     def go():
@@ -366,7 +362,7 @@ def _print_bench(r: dict) -> None:
         click.echo(f"  perplexity ratio  {r['quality']['perplexity_ratio']:.4f}")
 
 
-from .push import push_cmd  # noqa: E402
+from .deploy.command import push_cmd  # noqa: E402
 main.add_command(push_cmd)
 
 if __name__ == "__main__":

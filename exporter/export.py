@@ -14,6 +14,7 @@ from phi_edge.runtimes.errors import BackendUnavailableError, PhiEdgeError
 from phi_edge.targets import get_target
 
 from . import checkpoint as checkpoints
+from . import source_tokenizer as source_tokenizers
 from .artifact import build_manifest, check_output, staging, stop_token_ids
 from .formats import ExportOptions, check_options, copy_into, format_module, tool_versions
 from .plan import make_plan
@@ -86,12 +87,19 @@ def run_export(model: str | None, target_name: str, output: str | Path, precisio
                        steps)
 
 
+class TokenizerMismatchError(PhiEdgeError):
+    """The artifact's own tokenizer encodes a probe differently from the source checkpoint's."""
+
+
 def _export(model, target, module, opts, out, revision, allow_pickle, trust_remote_code, smoke_test,
             steps) -> ExportReport:
     precision = opts.precision
     with steps.step("Checking the checkpoint"):
         ckpt = checkpoints.resolve(model, revision=revision, allow_pickle=allow_pickle,
                                    trust_remote_code=trust_remote_code)
+        source_tok = source_tokenizers.SourceTokenizer(ckpt.path)
+        transformers_check = source_tokenizers.describe_differences(
+            source_tokenizers.transformers_differences(source_tok, trust_remote_code))
     check_moe(ckpt, target, precision)
     context = resolve_context(ckpt, target, opts.context_length)
     opts.context_length = context
@@ -100,11 +108,14 @@ def _export(model, target, module, opts, out, revision, allow_pickle, trust_remo
         raise PhiEdgeError(plan.refusal())
     module.check(ckpt, target, opts)
 
-    notes: list[str] = []
+    notes: list[str] = [f"tokenizer: {n}" for n in source_tok.changes_for_artifact()]
+    if not transformers_check.startswith("transformers' AutoTokenizer agrees"):
+        notes.append(f"tokenizer: {transformers_check}")
     with staging(out, opts.force) as tmp:
         result = module.export(ckpt, target, opts, tmp, steps)
         context = result.context_length or context
         copy_into(ckpt.path, tmp, checkpoints.TOKENIZER_FILES)
+        source_tokenizers.write_artifact_files(source_tok, tmp)
         stops = stop_token_ids(ckpt, ckpt.generation_config())
         if hasattr(module, "finalize"):
             module.finalize(tmp, context, stops)
@@ -116,20 +127,25 @@ def _export(model, target, module, opts, out, revision, allow_pickle, trust_remo
                                   context_length=context, quantization=result.quantization,
                                   runtime={"device": target.device, **target.runtime, **result.runtime},
                                   tools=tool_versions(("phi-edge",) + tuple(module.TOOLS)), memory=memory,
-                                  verification=result.verification)
+                                  verification=result.verification,
+                                  tokenizer=source_tokenizers.manifest_entry(source_tok, transformers_check))
+        with steps.step("Checking the artifact's tokenizer against the source"):
+            rt = _load_staged(tmp, module, target, notes)
+            manifest.verification["tokenizer"] = check_tokenizer(rt, tmp, manifest, source_tok)
+            manifest.write(tmp)
         sample = None
-        if smoke_test:
-            with steps.step("Loading the artifact and generating a sample"):
-                sample = _smoke_test(tmp, module, target, notes)
+        if smoke_test and rt is not None:
+            with steps.step("Generating a sample with the artifact"):
+                sample = _smoke_test(rt)
     return ExportReport(output=str(out), target=target.name, format=module.FORMAT, precision=precision,
                         family=ckpt.family, source=ckpt.source, context_length=context,
                         size_bytes=manifest.total_bytes, estimated_runtime_bytes=memory["estimated_runtime_bytes"],
                         quantization=result.quantization, step_times_s=steps.times, sample=sample, notes=notes)
 
 
-def _smoke_test(folder: Path, module, target, notes: list[str]) -> dict[str, Any] | None:
-    """Load the staged artifact with its own runtime and generate a few tokens, so a broken export
-    never lands. Skipped (with a note) where this machine lacks the device or the runtime."""
+def _load_staged(folder: Path, module, target, notes: list[str]):
+    """The staged artifact loaded by its own runtime, or None (with a note) where this machine lacks
+    the device or the runtime."""
     from phi_edge.runtimes import load
 
     device = module.smoke_device(target) if hasattr(module, "smoke_device") else target.device
@@ -139,10 +155,40 @@ def _smoke_test(folder: Path, module, target, notes: list[str]) -> dict[str, Any
     if device.lower() != str(target.device).lower():
         notes.append(f"test-loaded on {device}: this machine has no {target.device}")
     try:
-        rt = load(folder, device=device)
+        return load(folder, device=device)
     except BackendUnavailableError as e:
         notes.append(f"not test-loaded: {e}")
         return None
+
+
+def check_tokenizer(rt, folder: Path, manifest, source_tok) -> str:
+    """Encode the probe set with the artifact's own tokenizer and with the source's; any difference
+    refuses the export. Without a loaded runtime, the artifact's tokenizer.json is checked with the
+    manifest's special tokens (what the qnn and mlx runtimes run; the others' engines are not)."""
+    if rt is not None:
+        encode, how = rt.encode, f"the artifact's own {manifest.format} runtime tokenizer on {rt.device}"
+    else:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        entry = manifest.tokenizer
+
+        def encode(text: str) -> list[int]:
+            return entry["prefix_ids"] + tok.encode(text, add_special_tokens=False).ids + entry["suffix_ids"]
+
+        how = "the artifact's tokenizer.json (its runtime could not be loaded on this machine)"
+    bad = source_tokenizers.first_mismatch(encode, source_tok)
+    if bad:
+        text, got, want = bad
+        raise TokenizerMismatchError(
+            f"the artifact's tokenizer encodes {text!r} as {got} but the source checkpoint's tokenizer gives "
+            f"{want}; nothing was written. The artifact would feed the model other tokens than it was trained "
+            f"on: please report this with the checkpoint's tokenizer files")
+    return f"all {len(source_tokenizers.PROBES)} probe texts encode exactly like the source ({how})"
+
+
+def _smoke_test(rt) -> dict[str, Any]:
+    """Generate a few tokens with the staged artifact, so a broken export never lands."""
     result = rt.generate(SMOKE_PROMPT, max_new_tokens=16)
     return {"prompt": SMOKE_PROMPT, "text": result.text, "tokens": len(result.token_ids),
-            "device": device, "decode_tokens_per_s": round(result.timings.decode_tokens_per_s, 1)}
+            "device": rt.device, "decode_tokens_per_s": round(result.timings.decode_tokens_per_s, 1)}

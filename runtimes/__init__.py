@@ -3,6 +3,10 @@
 Importing this package is cheap: each backend module imports its engine (onnxruntime-genai,
 OpenVINO GenAI, MLX, ONNX Runtime QNN) only when an artifact of its format is loaded, and none of
 them imports torch or transformers.
+
+- ``base.py``: the runtime contract (generate, stream, chat, logits); ``manifest.py``: ``phi-edge.json``;
+- ``onnx_genai.py``, ``openvino.py``, ``mlx.py``, ``qnn/``: one backend each, importing only its engine;
+- ``cli.py``: ``phi-run``; ``bench.py``: speed and memory; ``chat_template.py``: chat prompts.
 """
 
 from __future__ import annotations

@@ -84,13 +84,16 @@ class GenerationResult:
 
 
 class _TextStream:
-    """Turns token ids into text pieces as they arrive, never splitting a multi-byte character."""
+    """Turns token ids into text pieces as they arrive, never splitting a multi-byte character.
 
-    def __init__(self, decode):
+    Seeded with the prompt's last token, so the pieces are the continuation of the prompt's text:
+    a first token ``▁blue`` after ``The sky is`` reads `` blue``, as it does when appended."""
+
+    def __init__(self, decode, context: Sequence[int] = ()):
         self._decode = decode
-        self._ids: list[int] = []
+        self._ids: list[int] = [int(i) for i in context]
         self._prefix = 0  # start of the window we re-decode for context
-        self._read = 0  # tokens whose text has been emitted
+        self._read = len(self._ids)  # tokens whose text has been emitted (or belongs to the prompt)
 
     def put(self, token_id: int) -> str:
         self._ids.append(token_id)
@@ -121,8 +124,8 @@ class Runtime:
         self.load_s = 0.0
 
     # ---- what a backend provides -------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        """Token ids for ``text``, with the special tokens the tokenizer adds (BOS for Phi-3)."""
+    def _encode_plain(self, text: str) -> list[int]:
+        """Token ids of ``text`` alone, with no special tokens added (the engine's own tokenizer)."""
         raise NotImplementedError
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -136,16 +139,24 @@ class Runtime:
         """Next-token logits after each position of ``ids``: float32 array [len(ids), vocab]."""
         raise NotImplementedError
 
-    def with_bos(self, ids: list[int]) -> list[int]:
-        """Prepend BOS where the source tokenizer adds it and the engine's tokenizer did not."""
-        tok = self.manifest.tokenizer
-        bos = tok.get("bos_token_id")
-        if tok.get("add_bos_token") and bos is not None and (not ids or ids[0] != bos):
-            return [int(bos)] + ids
-        return ids
+    # ---- tokens -------------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids for ``text`` exactly as the source tokenizer gives them: with
+        ``add_special_tokens`` the tokens it adds around every text (BOS for Phi-3, none for
+        Phi-4-mini), as the export measured and wrote into the manifest."""
+        ids = self._encode_plain(text)
+        if not add_special_tokens:
+            return ids
+        prefix, suffix = self.special_affixes()
+        return prefix + ids + suffix
 
-    def _text_stream(self) -> _TextStream:
-        return _TextStream(self.decode)
+    def special_affixes(self) -> tuple[list[int], list[int]]:
+        """(ids before, ids after) the text of every encode, from the manifest."""
+        tok = self.manifest.tokenizer
+        return [int(i) for i in tok.get("prefix_ids", [])], [int(i) for i in tok.get("suffix_ids", [])]
+
+    def _text_stream(self, prompt_ids: Sequence[int]) -> _TextStream:
+        return _TextStream(self.decode, context=prompt_ids[-1:])
 
     # ---- the API ------------------------------------------------------------------------------
     def params(self, **overrides: Any) -> SamplingParams:
@@ -182,13 +193,20 @@ class Runtime:
 
     def chat(self, messages: list[dict[str, Any]], stream: bool = False, **kwargs: Any):
         """Apply the artifact's chat template to ``messages`` and generate the assistant's reply."""
-        prompt = self.chat_prompt(messages)
-        return self.stream(prompt, **kwargs) if stream else self.generate(prompt, **kwargs)
+        ids = self.chat_ids(messages)
+        return self.stream(ids, **kwargs) if stream else self.generate(ids, **kwargs)
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+        """The chat template rendered for ``messages``, with the assistant's turn opened."""
         tok = self.manifest.tokenizer
         return render_chat(self.manifest.chat_template, messages, add_generation_prompt=True,
                            bos_token=tok.get("bos_token", ""), eos_token=tok.get("eos_token", ""))
+
+    def chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        """The prompt ids of ``messages``: exactly transformers' ``apply_chat_template(messages,
+        add_generation_prompt=True)``: the template writes every special token (a ``{{ bos_token }}``
+        included), so nothing is added around it."""
+        return self.encode(self.chat_prompt(messages), add_special_tokens=False)
 
     @staticmethod
     def new_result() -> GenerationResult:
@@ -213,7 +231,7 @@ class Runtime:
         room = self.context_length - len(prompt_ids)
         want = params.max_new_tokens
         params.max_new_tokens = min(want, room)
-        text_stream = self._text_stream()
+        text_stream = self._text_stream(prompt_ids)
         timings = result.timings
         timings.prompt_tokens = len(prompt_ids)
         held = ""  # text not yet emitted because it might be the start of a stop string

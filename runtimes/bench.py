@@ -57,7 +57,8 @@ def measure(artifact: str, prompt_tokens: int = 128, gen_tokens: int = 64, warmu
         "time_to_first_token_s": _stats([t.time_to_first_token_s for t in runs]),
         "prefill_tokens_per_s": _stats([t.prefill_tokens_per_s for t in runs]),
         "decode_tokens_per_s": _stats([t.decode_tokens_per_s for t in runs]),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        # ru_maxrss is KiB on Linux, bytes on macOS
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024),
     }
 
 

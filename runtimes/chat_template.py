@@ -27,10 +27,23 @@ def _compile(template: str):
 
 def render_chat(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                 **special_tokens: str) -> str:
-    """The prompt text for ``messages`` (a list of ``{"role", "content"}`` dicts)."""
+    """The prompt text for ``messages`` (a list of ``{"role", "content"}`` dicts).
+
+    A system message that the template drops (Phi-3-mini's first template has no system branch)
+    is an error, never silently lost.
+    """
+    from .errors import PhiEdgeError
+
+    if not template:
+        raise PhiEdgeError("this artifact has no chat template; pass plain text to generate() instead of chat()")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            from .errors import PhiEdgeError
             raise PhiEdgeError(f"chat message {i} must be a dict with 'role' and 'content', got {m!r}")
-    return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+    text = _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      **special_tokens)
+    for m in messages:
+        content = m["content"]
+        if m["role"] == "system" and isinstance(content, str) and content.strip() and content not in text:
+            raise PhiEdgeError("this model's chat template has no system role, so the system message would be "
+                               "dropped; put its instructions at the start of the first user message instead")
+    return text

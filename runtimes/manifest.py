@@ -16,7 +16,7 @@ from typing import Any
 from .errors import ManifestError
 
 MANIFEST_NAME = "phi-edge.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the tokenizer section says exactly which ids encode() adds (prefix_ids, suffix_ids)
 FORMATS = ("onnx-genai", "openvino", "mlx", "qnn")
 
 
@@ -64,7 +64,9 @@ class Manifest:
         if version != SCHEMA_VERSION:
             raise ManifestError(
                 f"manifest schema version {version!r} is not supported by this phi-edge "
-                f"(it reads version {SCHEMA_VERSION}); upgrade phi-edge or re-export the model"
+                f"(it reads version {SCHEMA_VERSION}); "
+                + ("re-export the model with this phi-edge (version 1 artifacts could drop the BOS token)"
+                   if version == 1 else "upgrade phi-edge or re-export the model")
             )
         missing = [k for k in ("format", "family", "target", "precision", "source", "files",
                                "context_length", "stop_token_ids", "chat_template") if k not in d]

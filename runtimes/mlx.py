@@ -36,7 +36,7 @@ class MlxRuntime(Runtime):
     def __init__(self, folder: Path, manifest: Manifest, device: str | None = None):
         mx = require("mlx.core", FORMAT)
         require("mlx_lm", FORMAT)
-        from mlx_lm.utils import load_model, load_tokenizer
+        from mlx_lm.utils import load_model
 
         here = "gpu" if mx.is_available(mx.gpu) else "cpu"
         device = (device or here).lower()
@@ -53,14 +53,16 @@ class MlxRuntime(Runtime):
         except (ValueError, FileNotFoundError) as e:
             raise PhiEdgeError(f"mlx-lm could not load {folder}: {e}; re-export the model") from None
         self._ropes = match_reference(self._model, self._config)
-        self._tokenizer = load_tokenizer(Path(folder), eos_token_ids=list(manifest.stop_token_ids))
+        # tokenizer.json through the tokenizers library, as the export checked it (mlx-lm's own loader
+        # goes through transformers, which may rebuild a tokenizer differently from its files)
+        tokenizers = require("tokenizers", FORMAT)
+        self._tokenizer = tokenizers.Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
 
-    def encode(self, text: str) -> list[int]:
-        # the checkpoint's own tokenizer files through transformers, so BOS is added exactly as the source does
-        return list(self._tokenizer.encode(text))
+    def _encode_plain(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(ids))
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def _token_ids(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
         from mlx_lm.generate import generate_step
@@ -100,20 +102,78 @@ class MlxRuntime(Runtime):
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         mx = self._mx
-        self._use_long(len(ids))
-        out = self._model(mx.array([list(ids)]))[0].astype(mx.float32)
+        model, ropes = self._logits_model()
+        self._use_long(len(ids), ropes)
+        out = model(mx.array([list(ids)]))[0].astype(mx.float32)
         return np.array(out)
 
-    def _use_long(self, length: int) -> bool:
+    @property
+    def logits_note(self) -> str:
+        """How ``logits()`` computes, where that differs from generation ("" where it does not)."""
+        if self.manifest.precision == "fp32" or self._mx.metal.is_available():
+            return ""
+        return (f"logits from the artifact's {self.manifest.precision} weights "
+                + ("dequantized" if self.manifest.precision.startswith("int") else "widened")
+                + " to float32 on CPU (no Metal)")
+
+    def _logits_model(self) -> tuple:
+        """The model ``logits()`` runs and its LongRoPE layers. Without Metal, MLX's CPU build runs
+        quantized and float16 matmuls in float16, very slowly; there a float32 copy of the artifact's
+        own weights (dequantized once, built on first use) computes what the device does, up to
+        activation precision. Generation always runs the artifact as is."""
+        if not self.logits_note:
+            return self._model, self._ropes
+        if getattr(self, "_float_model", None) is None:
+            from mlx_lm.utils import load_model
+
+            model, config = load_model(self.folder)
+            model = dequantized_float32(model)
+            self._float_model = model, match_reference(model, config)
+        return self._float_model
+
+    def _use_long(self, length: int, ropes: list | None = None) -> bool:
         """Set the LongRoPE layers for a forward pass over ``length`` tokens, as the reference does."""
-        long = bool(self._ropes) and length > self._ropes[0].original
-        for rope in self._ropes:
+        ropes = self._ropes if ropes is None else ropes
+        long = bool(ropes) and length > ropes[0].original
+        for rope in ropes:
             rope.long = long
         return long
 
 
 def open_artifact(folder: Path, manifest: Manifest, device: str | None = None) -> MlxRuntime:
     return MlxRuntime(folder, manifest, device)
+
+
+def dequantized_float32(model):
+    """``model`` (in place) with each quantized layer swapped for a float32 one holding its
+    dequantized weights, and every other floating-point parameter cast to float32."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_map, tree_map_with_path
+
+    def dense(path, m):
+        if "scales" not in m:
+            return m
+        w = mx.dequantize(m["weight"], m["scales"], m.get("biases"), group_size=m.group_size, bits=m.bits,
+                          mode=getattr(m, "mode", "affine")).astype(mx.float32)
+        if isinstance(m, nn.QuantizedEmbedding):
+            layer = nn.Embedding(w.shape[0], w.shape[1])
+        elif isinstance(m, nn.QuantizedLinear):
+            layer = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
+        else:  # mlx-lm's QuantizedSwitchLinear: Phi-3.5-MoE's experts
+            from mlx_lm.models.switch_layers import SwitchLinear
+
+            layer = SwitchLinear(w.shape[2], w.shape[1], w.shape[0], bias="bias" in m)
+        layer.weight = w
+        if "bias" in m:
+            layer.bias = m["bias"]
+        return layer
+
+    model.update_modules(tree_map_with_path(dense, model.leaf_modules(), is_leaf=nn.Module.is_module))
+    model.update(tree_map(lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p,
+                          model.parameters()))
+    mx.eval(model.parameters())
+    return model
 
 
 # ---- the two corrections: the reference's LongRoPE switch and sparsemixer routing ----------------

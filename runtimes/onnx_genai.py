@@ -1,11 +1,10 @@
 """ONNX Runtime GenAI backend: runs ``onnx-genai`` artifacts (Raspberry Pi, Android, CPU, CUDA).
 
-Imports onnxruntime_genai only; sampling, KV cache and tokenizer are the engine's own.
+Imports onnxruntime_genai (model, KV cache, sampling, encode) and tokenizers (decode) only.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -18,19 +17,6 @@ from .manifest import Manifest
 
 FORMAT = "onnx-genai"
 DEVICES = ("cpu", "cuda")
-
-
-class _GenaiTextStream:
-    """The engine's own streaming detokenizer behind the base class's put/flush shape."""
-
-    def __init__(self, tokenizer):
-        self._stream = tokenizer.create_stream()
-
-    def put(self, token_id: int) -> str:
-        return self._stream.decode(token_id)
-
-    def flush(self) -> str:
-        return ""
 
 
 class OnnxGenaiRuntime(Runtime):
@@ -58,15 +44,17 @@ class OnnxGenaiRuntime(Runtime):
         except Exception as e:  # the engine raises plain RuntimeError/OrtException
             raise PhiEdgeError(f"onnxruntime-genai could not load {folder}: {e}") from None
         self._tokenizer = og.Tokenizer(self._model)
+        # decoding through the tokenizers library on the same tokenizer.json: onnxruntime-genai 0.18's
+        # decoder drops everything after a byte sequence that is not valid UTF-8, and skips the
+        # tokenizer's Strip step, so its text could differ from the source's
+        self._decoder = require("tokenizers", FORMAT).Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
 
-    def encode(self, text: str) -> list[int]:
-        return self.with_bos(self._tokenizer.encode(text).tolist())
+    def _encode_plain(self, text: str) -> list[int]:
+        # the engine's tokenizer never adds BOS/EOS itself: the base class adds what the manifest says
+        return self._tokenizer.encode(text).tolist()
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(np.asarray(ids, dtype=np.int32))
-
-    def _text_stream(self):
-        return _GenaiTextStream(self._tokenizer)
+        return self._decoder.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def _generator(self, max_length: int, params: SamplingParams | None = None):
         og = self._og

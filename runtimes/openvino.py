@@ -59,10 +59,13 @@ class OpenVINORuntime(Runtime):
             raise PhiEdgeError(f"OpenVINO GenAI could not load {folder} on {device}: {str(e).strip()[:400]}") from None
         self._tokenizer = self._pipe.get_tokenizer()
         self._request = None  # the raw IR for logits(), compiled on first use
+        # logits() compiles the IR on the CPU for an NPU artifact (the NPU needs static shapes)
+        self.logits_device = "CPU" if device == "NPU" else device
 
-    def encode(self, text: str) -> list[int]:
-        # the tokenizer model is the checkpoint's own tokenizer converted: it adds BOS as that one does
-        ids = self._tokenizer.encode(text, add_special_tokens=True).input_ids.data
+    def _encode_plain(self, text: str) -> list[int]:
+        # the checkpoint's own tokenizer converted by openvino-tokenizers, without its special tokens:
+        # the base class adds what the manifest says
+        ids = self._tokenizer.encode(text, add_special_tokens=False).input_ids.data
         return [int(i) for i in ids[0]]
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -144,7 +147,7 @@ class OpenVINORuntime(Runtime):
         if self._request is None:
             core = self._ov.Core()
             model = core.read_model(str(self.folder / MODEL_XML))
-            device = "CPU" if self.device == "NPU" else self.device
+            device = self.logits_device
             compiled = core.compile_model(model, device, properties(self.manifest.runtime, device))
             self._inputs = {i.get_any_name() for i in compiled.inputs}
             self._logits_output = compiled.output("logits")

@@ -78,8 +78,10 @@ def test_verify_against_reports_agreement_and_cosine(exported, checkpoint):
     from phi_edge.exporter.cli import main
 
     def verify(precision):
+        # random tiny weights: int4 agrees on ~25% of top-1 picks, below the int4 default bar
+        loose = ["--min-cosine", "0.8", "--min-top1", "0"] if precision == "int4" else []
         out = CliRunner().invoke(main, ["verify", str(exported(TARGET, precision, family="phi3")),
-                                        "--against", str(checkpoint("phi3")), "--json"])
+                                        "--against", str(checkpoint("phi3")), "--json", *loose])
         assert out.exit_code == 0, out.output
         return json.loads(out.output)["against"]
 

@@ -33,13 +33,17 @@ def test_int4_loads_generates_and_verify_reports(exported, checkpoint):
     assert (q["bits"], q["block_size"], q["symmetric"], q["accuracy_level"]) == (4, 32, True, 4)
     result = load(out).generate("Hello", max_new_tokens=8)
     assert len(result.token_ids) == 8 and result.text
+    # random tiny weights quantize badly (top-1 ~47%): lower bars than the int4 defaults, which fail it
+    loose = ["--min-cosine", "0.8", "--min-top1", "0.3"]
     run = CliRunner().invoke(phi_export, ["verify", str(out), "--against", str(checkpoint("phi3"))])
+    assert run.exit_code == 1 and "FAILED: top-1 agreement" in run.output
+    run = CliRunner().invoke(phi_export, ["verify", str(out), "--against", str(checkpoint("phi3")), *loose])
     assert run.exit_code == 0, run.output
     print(run.output)
     assert "checksums  ok" in run.output
     assert "tokenizer  agrees" in run.output
     assert "top-1" in run.output and "cosine" in run.output
-    run = CliRunner().invoke(phi_export, ["verify", str(out), "--against", str(checkpoint("phi3")), "--json"])
+    run = CliRunner().invoke(phi_export, ["verify", str(out), "--against", str(checkpoint("phi3")), "--json", *loose])
     report = json.loads(run.stdout)
     assert 0 < report["against"]["top1_agreement"] <= 1
     assert 0.5 < report["against"]["logit_cosine_mean"] <= 1.0
@@ -154,7 +158,7 @@ def test_bad_sampling_parameters(exported):
 def test_manifest_records_everything(exported, checkpoint):
     out = exported("rpi5", "int4")
     m = json.loads((out / "phi-edge.json").read_text())
-    assert m["schema_version"] == 1
+    assert m["schema_version"] == 2
     assert m["format"] == "onnx-genai" and m["target"] == "rpi5" and m["family"] == "phi3"
     import hashlib
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from device import unavailable
 from device.sshd import SSHD, LoopbackSSHD
 from phi_edge.exporter.cli import main
-from phi_edge.exporter.push import PARTIAL, STAGING_PREFIX, parse_destination, push, verify_on_device
+from phi_edge.exporter.deploy.push import PARTIAL, STAGING_PREFIX, parse_destination, push, verify_on_device
 from phi_edge.runtimes.errors import PhiEdgeError
 from phi_edge.runtimes.manifest import MANIFEST_NAME, sha256_file
 
@@ -171,7 +171,8 @@ def test_clear_errors(sshd, artifact, tmp_path):
 
     r = CliRunner().invoke(main, ["push", str(artifact), dest, "-i", str(sshd.user_key),
                                   "--remote-phi-run", "/opt/nowhere/phi-run"])
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 1, r.output  # copied, but unchecked: only --no-verify makes that a success
+    assert "error: the artifact was copied but not checked on the device" in r.output
     assert "note: phi-run is not installed on the device ('/opt/nowhere/phi-run' was not found)" in r.output
     assert "pip install 'phi-edge[onnx]'" in r.output
     r = CliRunner().invoke(main, ["push", str(artifact), dest, "-i", str(sshd.user_key), "--remote-phi-run", "false"])

@@ -15,7 +15,7 @@ from typing import Any
 
 from phi_edge.runtimes.errors import PhiEdgeError
 
-from .formats import ExportOptions, FormatResult, merged_quant, require_tool
+from . import ExportOptions, FormatResult, merged_quant, require_tool
 
 FORMAT = "mlx"
 OPTIONS = frozenset({"group_size", "lm_head", "embeddings", "int8_layers"})
@@ -86,7 +86,7 @@ def smoke_device(target) -> str:
 def estimate_bytes(config: dict[str, Any], precision: str, q: dict[str, Any], target) -> int:
     """Weights as mlx-lm writes them: float32 for fp32, float16 otherwise, and per quantized group
     one float16 scale and one float16 bias."""
-    from .sizing import FLOAT_BYTES, param_counts
+    from ..sizing import FLOAT_BYTES, param_counts
 
     c = param_counts(config)
     if precision in FLOAT_BYTES:
@@ -104,7 +104,7 @@ def estimate_bytes(config: dict[str, Any], precision: str, q: dict[str, Any], ta
 
 def _layer_params(config: dict[str, Any]) -> dict[str, int]:
     """Parameters per projection name over all layers (for the --int8-layers estimate)."""
-    from .sizing import head_dim
+    from ..sizing import head_dim
 
     h, inter, n = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     heads = config["num_attention_heads"]

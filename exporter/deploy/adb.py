@@ -11,7 +11,7 @@ from typing import Callable
 
 from phi_edge.runtimes.errors import PhiEdgeError
 
-from .ssh_transport import TransportError
+from .ssh import TransportError
 
 
 class AdbTransport:

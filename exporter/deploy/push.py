@@ -15,14 +15,11 @@ import json
 import posixpath
 import re
 import shlex
-import sys
 import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
-
-import click
 
 from phi_edge.runtimes.errors import PhiEdgeError
 from phi_edge.runtimes.manifest import MANIFEST_NAME, Manifest, read_manifest, sha256_file
@@ -88,10 +85,10 @@ def parse_destination(dest: str) -> Destination:
 
 def open_transport(d: Destination, identity: str | Path | None = None):
     if d.scheme == "adb":
-        from .adb_transport import AdbTransport
+        from .adb import AdbTransport
 
         return AdbTransport(d.host or None)
-    from .ssh_transport import SSHTransport
+    from .ssh import SSHTransport
 
     return SSHTransport(d.host, d.user, d.port, identity)
 
@@ -169,7 +166,7 @@ def _copy(t, d: Destination, files: list[_File], on_start, on_bytes) -> dict[str
         offsets[f.rel] = have if have <= f.size else 0
     need = sum(f.size - offsets[f.rel] for f in todo)
     if free is not None and free < need:
-        from .sizing import human
+        from ..sizing import human
 
         raise PhiEdgeError(f"not enough free space for the artifact at {where}: it needs {human(need)} more and "
                            f"the device has {human(free)} free there; free some space or choose another folder")
@@ -321,89 +318,3 @@ def _swap_script(staging: str, target: str) -> str:
 
 def _ignore(_n: int) -> None:
     pass
-
-
-# ---- the command ----------------------------------------------------------------------------------
-
-@click.command("push")
-@click.argument("artifact", type=click.Path(path_type=Path))
-@click.argument("dest")
-@click.option("-i", "--identity", type=click.Path(dir_okay=False, path_type=Path),
-              help="SSH private key (default: your ssh-agent, ~/.ssh/config and ~/.ssh keys).")
-@click.option("-P", "--port", type=int, help="SSH port (default: DEST's, ~/.ssh/config's, or 22).")
-@click.option("--remote-phi-run", default="phi-run", show_default=True,
-              help="How to run phi-run on the device, e.g. ~/venv/bin/phi-run.")
-@click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Run 'phi-run DEST --verify --json' on the device after the copy.")
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
-def push_cmd(artifact, dest, identity, port, remote_phi_run, verify, as_json):
-    """Copy ARTIFACT to a device and check it there with phi-run.
-
-    \b
-      phi-export push out pi@raspberrypi.local:models/phi
-      phi-export push out ssh://pi@10.0.0.7:2222/home/pi/models/phi -i ~/.ssh/pi_key
-      phi-export push out adb://SERIAL/data/local/tmp/phi
-
-    Files already there with the same sha256 are skipped and an interrupted copy resumes when the
-    command is run again. Keys only: your agent, ~/.ssh keys or --identity; never a password.
-    """
-    from .cli import emit, fail
-
-    show = sys.stderr.isatty() and not as_json
-    progress = task = None
-    if show:
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, \
-            TransferSpeedColumn
-
-        from rich.console import Console
-
-        progress = Progress(TextColumn("[bold]Copying[/]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                            TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-
-    def on_start(total: int) -> None:
-        nonlocal task
-        if progress is not None:
-            progress.start()
-            task = progress.add_task("copy", total=total)
-
-    def on_bytes(n: int) -> None:
-        if progress is not None and task is not None:
-            progress.advance(task, n)
-
-    try:
-        report = push(artifact, dest, identity=identity, port=port, remote_phi_run=remote_phi_run, verify=verify,
-                      on_start=on_start, on_bytes=on_bytes)
-    except PhiEdgeError as e:
-        fail(str(e))
-    except KeyboardInterrupt:
-        fail("interrupted; the files sent so far stay on the device: rerun the same command to resume", 130)
-    finally:
-        if progress is not None:
-            progress.stop()
-    emit(report, as_json, _print_push)
-    if report["device_verify"] and report["device_verify"]["status"] == "failed":
-        if not as_json:
-            click.echo(f"error: the check on the device failed: {report['device_verify']['message']}", err=True)
-        sys.exit(1)
-
-
-def _print_push(r: dict[str, Any]) -> None:
-    from .sizing import human
-
-    if r["up_to_date"]:
-        click.echo(f"{r['destination']} is up to date: all {r['files']} files have the manifest's sha256")
-    else:
-        extra = [f"{len(r['resumed'])} resumed"] if r["resumed"] else []
-        extra += [f"{len(r['skipped'])} already there"] if r["skipped"] else []
-        click.echo(f"Copied {len(r['sent']) + len(r['resumed'])} of {r['files']} files ({human(r['bytes_sent'])}"
-                   f"{', ' + ', '.join(extra) if extra else ''}) to {r['destination']} in {r['seconds']:.1f}s")
-    v = r["device_verify"]
-    if v is None:
-        return
-    if v["status"] == "ok":
-        d = v["report"]
-        click.echo(f"On the device: {d['files']} files match their sha256; {d['format']} loaded on {d['device']} in "
-                   f"{d['load_s']:.2f}s; generated {d['generated_tokens']} tokens at {d['decode_tokens_per_s']} "
-                   f"tokens/s: {d['text']!r}")
-    elif v["status"] == "not-installed":
-        click.echo(f"note: {v['message']}")

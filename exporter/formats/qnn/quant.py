@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from phi_edge.runtimes.errors import PhiEdgeError
 
-DEFAULT_TEXT = Path(__file__).with_name("data") / "corpus.txt"
+DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "data" / "corpus.txt"
 MAX_PREFILL_SAMPLES = 16
 MAX_DECODE_SAMPLES = 32
 DECODE_STEPS = 8  # teacher-forced decode steps after each calibration prefill

@@ -1,7 +1,7 @@
 """Static-shape Phi graphs for the Hexagon NPU: a prefill graph over a fixed chunk of tokens and a
 one-token decode graph, both over a fixed KV window, exported to ONNX (opset 23) with torch.
 
-What makes them run well on HTP once quantized (see ``qnn_quant``):
+What makes them run well on HTP once quantized (see ``.quant``):
 
 - RMSNorm goes through ``torch.nn.functional.rms_norm`` and exports as one ``RMSNormalization``
   node (the decomposed form's quantized reciprocal is badly off on HTP);

@@ -2,8 +2,8 @@
 compiled into QNN HTP context binaries for one Snapdragon SoC.
 
 onnxruntime-genai's builder has no QNN target, so the graphs are our own torch export
-(:mod:`qnn_graph`), calibrated and quantized with onnxruntime's QNN QDQ tooling
-(:mod:`qnn_quant`) and compiled with the QNN execution provider (``phi_edge.runtimes.qnn_session``).
+(:mod:`.graph`), calibrated and quantized with onnxruntime's QNN QDQ tooling
+(:mod:`.quant`) and compiled with the QNN execution provider (``phi_edge.runtimes.qnn.session``).
 On a workstation the HTP backend compiles and runs in simulation, so an artifact is checked on
 the simulator and labelled that way: never as verified on a device.
 """
@@ -19,7 +19,7 @@ import numpy as np
 
 from phi_edge.runtimes.errors import PhiEdgeError
 
-from .formats import ExportOptions, FormatResult, merged_quant, require_tool
+from .. import ExportOptions, FormatResult, merged_quant, require_tool
 
 FORMAT = "qnn"
 OPTIONS = frozenset({"block_size", "calibration_text", "soc", "prefill_chunk", "compile"})
@@ -100,7 +100,7 @@ CONTEXT_BINARY_OVERHEAD = 600 * 1024
 def estimate_bytes(config: dict[str, Any], precision: str, q: dict[str, Any], target) -> int:
     """Both graphs carry their own weights: quantized MatMuls (a tied lm_head is a MatMul of its
     own), 16-bit embeddings and tables."""
-    from .sizing import QUANT_BITS, param_counts
+    from ...sizing import QUANT_BITS, param_counts
 
     c = param_counts(config)
     matmuls = c.linear + (c.lm_head or c.embeddings)
@@ -115,9 +115,9 @@ def estimate_bytes(config: dict[str, Any], precision: str, q: dict[str, Any], ta
 def export(ckpt, target, opts: ExportOptions, out: Path, steps) -> FormatResult:
     require_tool("onnxruntime_qnn", "the qnn exporter")
     require_tool("onnxscript", "the qnn exporter (torch's ONNX exporter)")
-    from phi_edge.runtimes.qnn_session import compile_context
+    from phi_edge.runtimes.qnn.session import compile_context
 
-    from . import qnn_graph, qnn_quant
+    from . import graph as qnn_graph, quant as qnn_quant
 
     s = settings(ckpt, target, opts)
     soc, chunk, context = s["soc"], s["chunk"], opts.context_length
@@ -193,7 +193,7 @@ def verification_note(soc, compiled: bool, checked: bool) -> str:
 
 def on_snapdragon() -> bool:
     """True where the QNN EP offers a real NPU (a Snapdragon device), not the x86-64 simulator."""
-    from phi_edge.runtimes.qnn_session import engine, htp_devices
+    from phi_edge.runtimes.qnn.session import engine, htp_devices
 
     ort, _ = engine()
     return any(str(d.device.type).endswith("NPU") for d in htp_devices(ort))
@@ -207,9 +207,9 @@ def check_on_htp(shipped: dict[str, Path], qdq: dict[str, Path], ids: list[int],
     import onnxruntime as ort
 
     from phi_edge.runtimes.qnn import StaticModel
-    from phi_edge.runtimes.qnn_session import open_session
+    from phi_edge.runtimes.qnn.session import open_session
 
-    from .verify import cosine
+    from ...verify import cosine
 
     so = ort.SessionOptions()
     so.log_severity_level = 3

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 from phi_edge.runtimes.errors import PhiEdgeError
 
-from .formats import ExportOptions, FormatResult, merged_quant, require_tool
+from . import ExportOptions, FormatResult, merged_quant, require_tool
 
 FORMAT = "onnx-genai"
 OPTIONS = frozenset({"block_size", "symmetric", "accuracy_level", "algorithm", "lm_head", "embeddings"})
@@ -73,8 +73,8 @@ def smoke_device(target) -> str | None:
 def estimate_bytes(config: dict[str, Any], precision: str, q: dict[str, Any], target) -> int:
     """What the builder writes: weights (tied embeddings as the builder shares them) plus the
     rotary cos/sin caches (two sets for LongRoPE)."""
-    from .plan import default_estimate
-    from .sizing import head_dim, param_counts, quantized_bytes
+    from ..plan import default_estimate
+    from ..sizing import head_dim, param_counts, quantized_bytes
 
     fb = 2 if precision == "fp16" or (target.device == "cuda" and precision != "fp32") else 4
     q = dict(q)

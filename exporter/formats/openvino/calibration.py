@@ -46,10 +46,11 @@ def dataset(model, checkpoint_path: Path, text_file: str | Path, trust_remote_co
     """An ``nncf.Dataset`` of model inputs for the exported ``OVModelForCausalLM`` ``model``."""
     import nncf
     import torch
-    from transformers import AutoTokenizer
+
+    from ...source_tokenizer import SourceTokenizer
 
     text = read_text(text_file)
-    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_path), trust_remote_code=trust_remote_code)
+    tokenizer = SourceTokenizer(checkpoint_path).as_transformers()
     windows = token_windows(tokenizer, text)
     if not windows:
         raise PhiEdgeError(f"--calibration-text file '{text_file}' holds fewer than {MIN_TOKENS} tokens; "

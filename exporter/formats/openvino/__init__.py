@@ -4,7 +4,7 @@ Intel CPUs, GPUs and NPUs (Core Ultra).
 Writes the stateful IR (``openvino_model.xml/.bin``) and the openvino-tokenizers tokenizer and
 detokenizer models, the folder OpenVINO GenAI's ``LLMPipeline`` loads. int4/int8 are NNCF weight
 compression through ``OVWeightQuantizationConfig``; AWQ, scale estimation and GPTQ calibrate on a
-local text file (:mod:`openvino_calibration`), never on a dataset from the hub.
+local text file (:mod:`.calibration`), never on a dataset from the hub.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from phi_edge.runtimes.errors import PhiEdgeError
 
-from .formats import OPTION_FLAGS, ExportOptions, FormatResult, merged_quant, require_tool
+from .. import OPTION_FLAGS, ExportOptions, FormatResult, merged_quant, require_tool
 
 FORMAT = "openvino"
 OPTIONS = frozenset({"group_size", "symmetric", "ratio", "backup_precision", "awq", "scale_estimation", "gptq",
@@ -72,7 +72,7 @@ def check(ckpt, target, opts: ExportOptions) -> None:
         raise PhiEdgeError("--calibration-text is used by --awq, --scale-estimation, --gptq or a --ratio below 1; "
                            "add one of them or drop --calibration-text")
     if s["calibration_text"]:
-        from .openvino_calibration import read_text
+        from .calibration import read_text
 
         read_text(s["calibration_text"])
     if target.device == "NPU":
@@ -91,7 +91,7 @@ def check_npu(ckpt, s: dict[str, Any]) -> None:
     if not s["symmetric"]:
         raise PhiEdgeError("the Intel NPU runs symmetric int4 weights only; drop --asym "
                            "(or export for --target intel-cpu / intel-gpu)")
-    from .sizing import param_counts
+    from ...sizing import param_counts
 
     params = param_counts(ckpt.config).total
     if s["group_size"] != -1 and params > NPU_CHANNELWISE_ABOVE:
@@ -127,7 +127,7 @@ def smoke_device(target) -> str:
 def estimate_bytes(config: dict[str, Any], precision: str, q: dict[str, Any], target) -> int:
     """Artifact bytes: NNCF keeps the embeddings and lm_head at the backup precision, compresses
     ``ratio`` of the decoder layers to int4 and the rest to the backup; scales are fp16."""
-    from .sizing import FLOAT_BYTES, param_counts, quantized_bytes
+    from ...sizing import FLOAT_BYTES, param_counts, quantized_bytes
 
     c = param_counts(config)
     # beside the weights: the tokenizer and detokenizer IRs (about 18 bytes per vocabulary entry
@@ -137,7 +137,7 @@ def estimate_bytes(config: dict[str, Any], precision: str, q: dict[str, Any], ta
 
 
 def _weight_bytes(config: dict[str, Any], c, precision: str, q: dict[str, Any]) -> int:
-    from .sizing import FLOAT_BYTES, quantized_bytes
+    from ...sizing import FLOAT_BYTES, quantized_bytes
 
     if precision in FLOAT_BYTES:
         return c.total * FLOAT_BYTES[precision]
@@ -196,7 +196,7 @@ def compress(model, ckpt, s: dict[str, Any], steps) -> dict[str, Any]:
             **{k: v for k, v in s.items() if v is not None}}
     data, samples = None, 0
     if s.get("calibration_text"):
-        from .openvino_calibration import dataset
+        from .calibration import dataset
 
         with steps.step("Building the calibration data"):
             data, samples = dataset(model, ckpt.path, s["calibration_text"], ckpt.trust_remote_code)
@@ -213,12 +213,14 @@ def compress(model, ckpt, s: dict[str, Any], steps) -> dict[str, Any]:
 
 
 def write_tokenizers(ckpt, out: Path) -> None:
-    """The checkpoint's tokenizer as openvino-tokenizers models (what LLMPipeline tokenizes with)."""
+    """The checkpoint's tokenizer as openvino-tokenizers models (what LLMPipeline tokenizes with),
+    converted from its files as written (not from transformers' possibly rebuilt reading of them)."""
     import openvino as ov
     from openvino_tokenizers import convert_tokenizer
-    from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(str(ckpt.path), trust_remote_code=ckpt.trust_remote_code)
+    from ...source_tokenizer import SourceTokenizer
+
+    hf = SourceTokenizer(ckpt.path).as_transformers()
     try:
         tokenizer, detokenizer = convert_tokenizer(hf, with_detokenizer=True)
     except Exception as e:  # openvino-tokenizers raises several types for tokenizers it cannot convert

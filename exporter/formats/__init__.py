@@ -22,12 +22,12 @@ from typing import Any
 
 from phi_edge.runtimes.errors import PhiEdgeError
 
-# format name -> module under phi_edge.exporter
+# format name -> module under phi_edge.exporter.formats: the one place a new format is added
 FORMAT_MODULES = {
-    "onnx-genai": "phi_edge.exporter.onnx_genai",
-    "openvino": "phi_edge.exporter.openvino",
-    "mlx": "phi_edge.exporter.mlx",
-    "qnn": "phi_edge.exporter.qnn",
+    "onnx-genai": "phi_edge.exporter.formats.onnx_genai",
+    "openvino": "phi_edge.exporter.formats.openvino",
+    "mlx": "phi_edge.exporter.formats.mlx",
+    "qnn": "phi_edge.exporter.formats.qnn",
 }
 
 # every quantization option the CLI knows, with the flag that sets it (for error messages)

@@ -1,7 +1,7 @@
 """ONNX Runtime QNN backend: runs ``qnn`` artifacts on a Snapdragon Hexagon NPU (HTP).
 
 The artifact holds two static graphs over one fixed KV window (see the exporter's
-``qnn_graph``): a prefill graph taking a chunk of tokens and a one-token decode graph, either as
+``phi_edge.exporter.formats.qnn.graph``): a prefill graph taking a chunk of tokens and a one-token decode graph, either as
 EPContext models with their compiled ``*_qnn.bin`` binaries or as QDQ models QNN compiles on
 load (once: the binaries are cached). This module keeps the KV cache (fp16) on the host, builds
 the attention bias, drives the two graphs, and samples on the host with numpy. Tokenization is
@@ -18,10 +18,10 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from . import require
-from .base import Runtime, SamplingParams
-from .errors import ContextLengthError, ManifestError, PhiEdgeError
-from .manifest import Manifest
+from .. import require
+from ..base import Runtime, SamplingParams
+from ..errors import ContextLengthError, ManifestError, PhiEdgeError
+from ..manifest import Manifest
 
 FORMAT = "qnn"
 DEVICES = ("htp", "cpu")  # cpu: the QDQ graphs on ONNX Runtime's CPU provider (uncompiled artifacts only)
@@ -159,7 +159,7 @@ class QnnRuntime(Runtime):
             # unfused: ORT's fused int kernels round differently; this is the QDQ model as written
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-        from .qnn_session import compiled_once, open_session
+        from .session import compiled_once, open_session
 
         arch, soc, block_quant = int(rt["htp_arch"]), int(rt["soc_model"]), bool(rt.get("block_quant"))
         if not rt.get("compiled"):  # QDQ graphs: compile on the first load, reuse the binary after that
@@ -167,11 +167,11 @@ class QnnRuntime(Runtime):
             path = compiled_once(path, hashlib.sha256(shas.encode()).hexdigest(), arch, soc, block_quant)
         return open_session(path, arch, soc, block_quant)
 
-    def encode(self, text: str) -> list[int]:
-        return self.with_bos(self._tokenizer.encode(text, add_special_tokens=True).ids)
+    def _encode_plain(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def _token_ids(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
         rng = np.random.default_rng(params.seed)

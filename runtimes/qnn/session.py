@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import require
-from .errors import PhiEdgeError
+from .. import require
+from ..errors import PhiEdgeError
 
 EP_NAME = "QNNExecutionProvider"
 FORMAT = "qnn"
