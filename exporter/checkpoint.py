@@ -68,13 +68,20 @@ class Checkpoint:
         return json.loads(p.read_text()) if p.is_file() else {}
 
 
+def rope_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The rope scaling of a config in either spelling: the hub's ``rope_scaling`` or transformers 5's
+    ``rope_parameters``; empty for plain rope."""
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    return rope if (rope.get("type") or rope.get("rope_type")) not in (None, "default") else {}
+
+
 def family_of(config: dict[str, Any]) -> str:
     arch = (config.get("architectures") or [""])[0]
     if arch == "PhiMoEForCausalLM" or config.get("model_type") == "phimoe":
         return "phimoe"
     if config.get("partial_rotary_factor", 1.0) < 1.0 or config.get("vocab_size", 0) > 100_000:
         return "phi4-mini"
-    rope = config.get("rope_scaling") or {}
+    rope = rope_settings(config)
     if (rope.get("type") or rope.get("rope_type")) in ("longrope", "su"):
         return "phi3-128k"
     return "phi3"

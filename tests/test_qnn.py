@@ -236,7 +236,7 @@ def test_tokenizer_matches_transformers(compiled, reference):
     rt, ref = load(compiled), reference("phi3")
     from phi_edge.exporter.verify import TOKENIZER_PROBES
 
-    for text in TOKENIZER_PROBES + TEXTS:
+    for text in [*TOKENIZER_PROBES, *TEXTS]:
         assert rt.encode(text) == ref.encode(text), text
         assert rt.decode(rt.encode(text)) == ref.decode(ref.encode(text))
 

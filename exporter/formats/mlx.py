@@ -44,7 +44,9 @@ def check(ckpt, target, opts: ExportOptions) -> None:
     if not model_type.isidentifier() or importlib.util.find_spec(f"mlx_lm.models.{model_type}") is None:
         raise PhiEdgeError(f"mlx-lm cannot convert model_type '{model_type}' ({ckpt.architecture}); "
                            f"export it for another target, e.g. --target intel-cpu")
-    rope = config.get("rope_scaling") or {}
+    from ..checkpoint import rope_settings
+
+    rope = rope_settings(config)
     rope_type = (rope.get("type") or rope.get("rope_type")) if rope else None
     if rope_type not in ROPE_TYPES:
         raise PhiEdgeError(f"mlx-lm's {model_type} model does not apply rope_scaling type '{rope_type}' "

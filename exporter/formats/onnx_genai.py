@@ -92,7 +92,9 @@ def estimate_bytes(config: dict[str, Any], precision: str, q: dict[str, Any], ta
         size = default_estimate(config, precision, {**q, "embeddings": q.get("embeddings", "fp")}, float_bytes=fb)
     rotary = int(head_dim(config) * config.get("partial_rotary_factor", 1.0)) // 2
     positions = config.get("max_position_embeddings", 4096)
-    if config.get("rope_scaling"):  # LongRoPE: a long cache and a short one
+    from ..checkpoint import rope_settings
+
+    if rope_settings(config):  # LongRoPE: a long cache and a short one
         positions += config.get("original_max_position_embeddings", positions)
     size += 2 * positions * rotary * fb
     return size
@@ -155,22 +157,33 @@ def finalize(out: Path, context_length: int, stop_token_ids: list[int]) -> None:
 
 @contextlib.contextmanager
 def _builder_compat(builder) -> Iterator[None]:
-    """onnxruntime-genai 0.18's Phi-3.5-MoE builder predates transformers 5: it misses the LongRoPE
-    init its dense sibling has, and reads the old per-expert layout. Bridge both for one export."""
+    """onnxruntime-genai 0.18's builders predate transformers 5: the LongRoPE init reads the hub's old
+    ``rope_scaling["type"]``, which a config written by transformers 5 (``rope_parameters`` with
+    ``rope_type`` only) lacks; the Phi-3.5-MoE builder also misses the LongRoPE init its dense sibling
+    has, and reads the old per-expert layout. Bridge all three for one export."""
     phi = sys.modules[builder.Phi3MoELongRoPEModel.__module__]
-    original = phi.Phi3MoELongRoPEModel
+    original_moe, original_dense = phi.Phi3MoELongRoPEModel, phi.Phi3MiniLongRoPEModel
+    dense_rope_init = original_dense.make_rope_init
 
-    class PhiMoE(original):
-        make_rope_init = phi.Phi3MiniLongRoPEModel.make_rope_init
+    def make_rope_init(self, config):
+        params = getattr(config, "rope_parameters", None)
+        if isinstance(params, dict) and "rope_type" in params:
+            params.setdefault("type", params["rope_type"])
+        return dense_rope_init(self, config)
 
+    class PhiMini(original_dense):
+        pass
+
+    class PhiMoE(original_moe):
         def get_moe_module(self, layer_id, layer):
             return _legacy_moe(layer)
 
-    builder.Phi3MoELongRoPEModel = PhiMoE
+    PhiMini.make_rope_init = PhiMoE.make_rope_init = make_rope_init
+    builder.Phi3MoELongRoPEModel, builder.Phi3MiniLongRoPEModel = PhiMoE, PhiMini
     try:
         yield
     finally:
-        builder.Phi3MoELongRoPEModel = original
+        builder.Phi3MoELongRoPEModel, builder.Phi3MiniLongRoPEModel = original_moe, original_dense
 
 
 def _legacy_moe(layer):
