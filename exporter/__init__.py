@@ -10,6 +10,6 @@ Heavy dependencies (torch, transformers, the export tools) live only in this pac
 imported inside the functions that need them.
 """
 
-from .offline import disable_telemetry as _disable_telemetry
+from phi_edge.runtimes.offline import disable_telemetry as _disable_telemetry
 
 _disable_telemetry()

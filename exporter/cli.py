@@ -26,7 +26,8 @@ class DefaultToExport(click.Group):
 
 @click.group(cls=DefaultToExport, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="phi-edge")
-def main():
+@click.pass_context
+def main(ctx):
     """Export Phi models for edge devices.
 
     \b
@@ -34,6 +35,10 @@ def main():
       phi-export microsoft/Phi-3.5-mini-instruct --target rpi --int4 -o out
       phi-export targets                                # the device profiles
     """
+    from .progress import private_tempdir
+
+    ctx.with_resource(private_tempdir())  # the tools' temp files (torch, MLX kernels) go, success or not
+
 
 
 def _default_output(model: str | None, target: str, precision: str | None) -> str:

@@ -1,13 +1,16 @@
 """Progress for long export steps: a rich spinner on a terminal, silence otherwise.
 
 Also keeps the export tools' own chatter (prints, tqdm bars, C++ logs) out of the user's
-terminal and out of ``--json`` output: it goes to a log file that a failure quotes from.
+terminal and out of ``--json`` output: it goes to a log file that a failure quotes from, and
+``private_tempdir()`` gives a command a temp folder of its own, so tools that leave files in
+the temp folder leave them nowhere.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -51,14 +54,66 @@ class Steps:
             self._con().print(text)
 
 
+# The temp folder that was current before private_tempdir() took over: a log that an error names
+# must outlive the private folder, so it is written here.
+_OUTER_TEMPDIR: str | None = None
+
+
+@contextlib.contextmanager
+def private_tempdir(prefix: str = "phi-edge-tmp-") -> Iterator[Path]:
+    """Point ``tempfile`` and ``$TMPDIR`` (child processes and C libraries too) at a fresh folder for
+    the block, and remove it afterwards, success or failure.
+
+    Export tools leave files in the temp folder that no option turns off (torch creates
+    ``torchinductor_<user>/`` when ``torch._dynamo`` is first imported; MLX's CPU backend keeps the
+    kernels it compiles in ``mlx/<version>/cpu/``); inside this block they land in the private
+    folder. Logs of :func:`tool_output_to_log` are still written to the outer temp folder, so a log
+    that an error names survives the block. Meant to span a whole command (torch keeps the cache
+    folder it chose for the rest of the process).
+    """
+    global _OUTER_TEMPDIR
+    outer = tempfile.gettempdir()
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=outer))
+    saved_env = {key: os.environ.get(key) for key in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")}
+    saved_tempdir, saved_outer = tempfile.tempdir, _OUTER_TEMPDIR
+    _OUTER_TEMPDIR = saved_outer or outer
+    os.environ["TMPDIR"] = str(path)
+    tempfile.tempdir = str(path)
+    try:
+        yield path
+    finally:
+        tempfile.tempdir = saved_tempdir
+        _OUTER_TEMPDIR = saved_outer
+        # torch writes the cache dir it picked (inside the private folder) into the environment
+        now = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        if now is not None and now != saved_env["TORCHINDUCTOR_CACHE_DIR"] and not _inside(now, path):
+            saved_env.pop("TORCHINDUCTOR_CACHE_DIR")  # set to somewhere else on purpose: leave it
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _inside(child: str, parent: Path) -> bool:
+    try:
+        return Path(child).resolve().is_relative_to(parent.resolve())
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def tool_output_to_log(what: str) -> Iterator[Path]:
     """Send everything written to fd 1 and fd 2 while the block runs into a log file.
 
-    On an exception the error says where the log is and quotes its last lines.
+    On an exception the error says where the log is and quotes its last lines. The log is removed
+    when the block ends, except when the error raised out of it names the log (so the user can
+    read it): success, Ctrl-C and an error that does not name it leave nothing behind.
     """
-    fd, name = tempfile.mkstemp(prefix="phi-edge-", suffix=".log")
+    fd, name = tempfile.mkstemp(prefix="phi-edge-", suffix=".log", dir=_OUTER_TEMPDIR)
     log = Path(name)
+    keep = False
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
@@ -72,7 +127,8 @@ def tool_output_to_log(what: str) -> Iterator[Path]:
         os.dup2(fd, 2)
         with python_level[0], python_level[1]:
             yield log
-    except PhiEdgeError:
+    except PhiEdgeError as e:
+        keep = str(log) in str(e)
         raise
     except (KeyboardInterrupt, SystemExit):
         raise
@@ -80,6 +136,7 @@ def tool_output_to_log(what: str) -> Iterator[Path]:
         _restore(saved)
         tail = log.read_text(errors="replace").strip().splitlines()[-5:]
         detail = " | ".join(line.strip()[:200] for line in tail if line.strip())
+        keep = bool(detail)
         raise PhiEdgeError(f"{what} failed: {type(e).__name__}: {str(e)[:500]}"
                            + (f" (tool log {log}: {detail})" if detail else "")) from e
     finally:
@@ -88,8 +145,9 @@ def tool_output_to_log(what: str) -> Iterator[Path]:
         os.close(fd)
         os.close(saved[0])
         os.close(saved[1])
-    with contextlib.suppress(OSError):
-        log.unlink()
+        if not keep:
+            with contextlib.suppress(OSError):
+                log.unlink()
 
 
 def _not_fd(stream, fd: int) -> bool:

@@ -41,6 +41,8 @@ PROBES = (
     "def f(x):\n    return x ** 2  # square\n",
 )
 LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast")
+# written by transformers 5's save_pretrained; transformers 4 (e.g. on a device) does not know it
+TRANSFORMERS5_CLASSES = ("TokenizersBackend",)
 
 
 @dataclass
@@ -186,7 +188,7 @@ class SourceTokenizer:
 
     def normalized_config(self) -> dict[str, Any]:
         cfg = dict(self.config)
-        if cfg.get("tokenizer_class") in LLAMA_CLASSES:
+        if cfg.get("tokenizer_class") in LLAMA_CLASSES + TRANSFORMERS5_CLASSES:
             cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
         cfg["add_bos_token"] = self.behaviour.add_bos
         cfg["add_eos_token"] = self.behaviour.add_eos
@@ -198,6 +200,9 @@ class SourceTokenizer:
         if self.normalized_json().get("post_processor") != self.json.get("post_processor"):
             out.append("the artifact's tokenizer.json post-processor adds exactly what the source adds")
         cls = self.config.get("tokenizer_class")
+        if cls in TRANSFORMERS5_CLASSES:
+            out.append(f"tokenizer_config.json's tokenizer_class {cls} -> PreTrainedTokenizerFast in the artifact, "
+                       f"which transformers 4 reads too")
         if cls in LLAMA_CLASSES:
             out.append(f"tokenizer_config.json's tokenizer_class {cls} -> PreTrainedTokenizerFast in the artifact, so "
                        f"transformers 5 reads tokenizer.json as written instead of rebuilding it")

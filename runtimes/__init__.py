@@ -6,7 +6,8 @@ them imports torch or transformers.
 
 - ``base.py``: the runtime contract (generate, stream, chat, logits); ``manifest.py``: ``phi-edge.json``;
 - ``onnx_genai.py``, ``openvino.py``, ``mlx.py``, ``qnn/``: one backend each, importing only its engine;
-- ``cli.py``: ``phi-run``; ``bench.py``: speed and memory; ``chat_template.py``: chat prompts.
+- ``cli.py``: ``phi-run``; ``bench.py``: speed and memory; ``chat_template.py``: chat prompts;
+  ``offline.py``: the engines' and tools' telemetry turned off.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from pathlib import Path
 from .base import GenerationResult, Runtime, SamplingParams, Timings
 from .errors import BackendUnavailableError, ContextLengthError, ManifestError, PhiEdgeError
 from .manifest import MANIFEST_NAME, Manifest, read_manifest
+from .offline import disable_telemetry
+
+disable_telemetry()  # before any engine is imported: phi-edge sends nothing anywhere by default
 
 __all__ = ["load", "Runtime", "GenerationResult", "SamplingParams", "Timings", "Manifest", "read_manifest",
            "PhiEdgeError", "ManifestError", "BackendUnavailableError", "ContextLengthError", "BACKENDS"]

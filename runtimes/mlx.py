@@ -181,12 +181,13 @@ def dequantized_float32(model):
 def match_reference(model, config: dict) -> list:
     """Swap mlx-lm's LongRoPE and Phi-3.5-MoE routing for the reference's; returns the LongRoPE
     modules (the runtime picks short or long factors for each pass)."""
-    rope = config.get("rope_scaling") or {}
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}  # the hub's or transformers 5's key
     ropes = []
     for layer in model.layers:
         attn = layer.self_attn
         if (rope.get("type") or rope.get("rope_type")) in ("longrope", "su"):
-            attn.rope = _long_rope(attn.rope.dim, config, rope)
+            dims = getattr(attn.rope, "dim", None) or attn.rope.dims  # mlx-lm's SuScaledRoPE, or nn.RoPE when it missed the scaling
+            attn.rope = _long_rope(dims, config, rope)
             ropes.append(attn.rope)
         if hasattr(layer, "block_sparse_moe"):
             jitter = float(config.get("router_jitter_noise", 0.01))

@@ -1,4 +1,4 @@
-"""Turns off the export tools' usage telemetry for phi-edge's processes: phi-edge sends nothing anywhere by default."""
+"""Turns off the tools' and engines' usage telemetry in phi-edge's processes: phi-edge sends nothing anywhere by default."""
 
 from __future__ import annotations
 
