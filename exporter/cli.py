@@ -178,8 +178,8 @@ def plan_cmd(model, target, precision, context_length, block_size, group_size, l
     from types import SimpleNamespace
 
     from .checkpoint import family_of, read_config
-    from .export import check_moe, resolve_context, resolve_precision
-    from .plan import make_plan
+    from .export import check_moe, resolve_precision
+    from .plan import choose_context
 
     quant = {k: v for k, v in {"block_size": block_size, "group_size": group_size, "lm_head": lm_head,
                                "embeddings": embeddings}.items() if v is not None}
@@ -191,13 +191,14 @@ def plan_cmd(model, target, precision, context_length, block_size, group_size, l
         ckpt = SimpleNamespace(source=source, config=config, family=family_of(config),
                                max_context=int(config.get("max_position_embeddings", 4096)),
                                is_moe=family_of(config) == "phimoe")
-        ctx = resolve_context(ckpt, t, context_length)
-        plan = make_plan(config, t, p, ctx, quant, extra_bytes=tokenizer_bytes)
+        plan = choose_context(config, t, p, context_length, quant, extra_bytes=tokenizer_bytes)
         d = {"model": source, "family": ckpt.family, **plan.to_dict()}
         try:
             check_moe(ckpt, t, p)
         except PhiEdgeError as e:
             d["refused"] = str(e)
+        if not plan.fits and "refused" not in d:
+            d["refused"] = plan.refusal()
         return d
 
     d = run_guarded(go)
@@ -212,7 +213,9 @@ def _print_plan(d: dict) -> None:
     click.echo(f"{d['model']} ({d['family']}, {d['parameters'] / 1e6:.1f}M parameters) on {d['target']} "
                f"as {d['format']} {d['precision']}:")
     click.echo(f"  artifact on disk  {human(d['artifact_bytes'])}")
-    click.echo(f"  KV cache          {human(d['kv_cache_bytes'])} at {d['context_length']} tokens")
+    click.echo(f"  context           {d['context_note']}")
+    click.echo(f"  KV cache          {human(d['kv_cache_bytes'])} at {d['context_length']} tokens "
+               f"({d['kv_cache_dtype_bytes']} bytes per value; {d['kv_allocation']})")
     click.echo(f"  runtime RAM       {human(d['runtime_bytes'])} of {human(d['device_ram_bytes'])} "
                f"-> {'fits' if d['fits'] else 'does NOT fit'}")
     click.echo(f"  Phi-3.5-MoE       {d['moe']}")

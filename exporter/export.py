@@ -17,7 +17,7 @@ from . import checkpoint as checkpoints
 from . import source_tokenizer as source_tokenizers
 from .artifact import build_manifest, check_output, staging, stop_token_ids
 from .formats import ExportOptions, check_options, copy_into, format_module, tool_versions
-from .plan import make_plan
+from .plan import choose_context
 from .progress import Steps, tool_output_to_log
 
 SMOKE_PROMPT = "Hello! What can you do on a Raspberry Pi?"
@@ -46,17 +46,6 @@ def resolve_precision(target, precision: str | None) -> str:
         raise PhiEdgeError(f"target '{target.name}' does not take precision {precision}; "
                            f"it takes {', '.join(target.precisions)}")
     return precision
-
-
-def resolve_context(ckpt, target, requested: int) -> int:
-    model_max = ckpt.max_context
-    if requested:
-        if requested > model_max:
-            raise PhiEdgeError(f"--context-length {requested} exceeds the model's maximum of {model_max}")
-        if requested < 16:
-            raise PhiEdgeError(f"--context-length must be at least 16, got {requested}")
-        return requested
-    return min(target.context_length or model_max, model_max)
 
 
 def check_moe(ckpt, target, precision: str) -> None:
@@ -101,14 +90,16 @@ def _export(model, target, module, opts, out, revision, allow_pickle, trust_remo
         transformers_check = source_tokenizers.describe_differences(
             source_tokenizers.transformers_differences(source_tok, trust_remote_code))
     check_moe(ckpt, target, precision)
-    context = resolve_context(ckpt, target, opts.context_length)
-    opts.context_length = context
-    plan = make_plan(ckpt.config, target, precision, context, opts.quant, extra_bytes=ckpt.tokenizer_bytes)
+    opts_context_given = bool(opts.context_length)
+    plan = choose_context(ckpt.config, target, precision, opts.context_length, opts.quant,
+                          extra_bytes=ckpt.tokenizer_bytes)
+    context = opts.context_length = plan.context_length
     if not plan.fits and not opts.force:
         raise PhiEdgeError(plan.refusal())
     module.check(ckpt, target, opts)
 
-    notes: list[str] = [f"tokenizer: {n}" for n in source_tok.changes_for_artifact()]
+    notes: list[str] = [plan.context_note] if not opts_context_given else []
+    notes += [f"tokenizer: {n}" for n in source_tok.changes_for_artifact()]
     if not transformers_check.startswith("transformers' AutoTokenizer agrees"):
         notes.append(f"tokenizer: {transformers_check}")
     with staging(out, opts.force) as tmp:
@@ -121,8 +112,9 @@ def _export(model, target, module, opts, out, revision, allow_pickle, trust_remo
             module.finalize(tmp, context, stops)
         weights = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
         memory = {"weights_bytes": weights, "kv_cache_bytes": plan.kv_cache_bytes,
+                  "kv_cache_dtype_bytes": plan.kv_cache_dtype_bytes, "kv_allocation": plan.kv_allocation,
                   "estimated_runtime_bytes": plan.runtime_bytes_for(weights),
-                  "device_ram_bytes": target.ram_bytes}
+                  "device_ram_bytes": target.ram_bytes, "context_choice": plan.context_note}
         manifest = build_manifest(tmp, ckpt=ckpt, target=target, precision=precision, fmt=module.FORMAT,
                                   context_length=context, quantization=result.quantization,
                                   runtime={"device": target.device, **target.runtime, **result.runtime},

@@ -24,6 +24,9 @@ class Plan:
     device_ram_bytes: int
     fits: bool
     moe: str  # for a Phi-3.5-MoE model: "yes", or why not
+    kv_cache_dtype_bytes: int = 4
+    kv_allocation: str = ""  # how the backend allocates the KV cache
+    context_note: str = ""  # how the context was chosen
 
     def runtime_bytes_for(self, weights: int) -> int:
         return runtime_bytes(weights, self.kv_cache_bytes)
@@ -35,7 +38,14 @@ class Plan:
         return (f"this model will not fit target '{self.target}': it needs about {human(self.runtime_bytes)} at run "
                 f"time (weights {human(self.artifact_bytes)} + KV cache {human(self.kv_cache_bytes)} at "
                 f"{self.context_length} tokens + runtime) but the device has {human(self.device_ram_bytes)}; "
-                f"try a smaller --context-length, --precision int4, or a smaller model (or --force to export anyway)")
+                f"{self._suggestion()} (or --force to export anyway)")
+
+    def _suggestion(self) -> str:
+        if self.context_length > MIN_DEFAULT_CONTEXT:
+            return f"pass a smaller --context-length (e.g. {MIN_DEFAULT_CONTEXT}), --precision int4, or a smaller model"
+        if self.precision != "int4":
+            return "export with --precision int4, or a smaller model"
+        return "choose a smaller model (e.g. Phi-3.5-mini or Phi-4-mini) or a device with more memory"
 
 
 def default_estimate(config: dict[str, Any], precision: str, quant: dict[str, Any], float_bytes: int = 4) -> int:
@@ -59,8 +69,32 @@ def default_estimate(config: dict[str, Any], precision: str, quant: dict[str, An
     return q(c.linear) + lm_bytes + emb_bytes + c.other * float_bytes
 
 
+MIN_DEFAULT_CONTEXT = 2048  # a default context below this is not useful: refuse instead
+
+# how each format's engine allocates its KV cache
+KV_ALLOCATION = {
+    "onnx-genai": "preallocated per generation, up to prompt + max_new_tokens",
+    "openvino": "grows as the conversation does",
+    "mlx": "grows as the conversation does (in steps of 256 tokens)",
+    "qnn": "preallocated at load: the static window",
+}
+
+
 def kv_dtype_bytes(target, precision: str) -> int:
-    return 2 if target.device in ("cuda", "gpu", "GPU", "NPU", "htp") or precision == "fp16" else 4
+    """Bytes per KV cache element as each backend really stores it: ONNX Runtime GenAI in the model's
+    io type (fp16 on CUDA and for fp16 models, else fp32); OpenVINO on the CPU as u8 (its default KV
+    cache precision) except fp32 artifacts, which carry f32, and fp16 on GPU/NPU; MLX in the
+    activations' type (fp32 for fp32 artifacts, else fp16); QNN in fp16 on the HTP."""
+    fmt = target.format
+    if fmt == "openvino":
+        if str(target.device).upper() == "CPU":
+            return 4 if precision == "fp32" else 1
+        return 2
+    if fmt == "mlx":
+        return 4 if precision == "fp32" else 2
+    if fmt == "qnn":
+        return 2
+    return 2 if target.device == "cuda" or precision == "fp16" else 4
 
 
 def make_plan(config: dict[str, Any], target, precision: str, context: int, quant: dict[str, Any] | None = None,
@@ -73,11 +107,48 @@ def make_plan(config: dict[str, Any], target, precision: str, context: int, quan
     else:
         size = default_estimate(config, precision, q)
     size += extra_bytes
-    kv = kv_cache_bytes(config, context, kv_dtype_bytes(target, precision))
+    kv_bytes = kv_dtype_bytes(target, precision)
+    kv = kv_cache_bytes(config, context, kv_bytes)
     need = runtime_bytes(size, kv)
     moe = "n/a (dense model)"
     if config.get("model_type") == "phimoe" or (config.get("architectures") or [""])[0] == "PhiMoEForCausalLM":
         moe = "yes" if target.moe else f"no: {target.moe_note}"
     return Plan(target=target.name, format=target.format, precision=precision, context_length=context,
                 parameters=param_counts(config).total, artifact_bytes=size, kv_cache_bytes=kv,
-                runtime_bytes=need, device_ram_bytes=target.ram_bytes, fits=need <= target.ram_bytes, moe=moe)
+                runtime_bytes=need, device_ram_bytes=target.ram_bytes, fits=need <= target.ram_bytes, moe=moe,
+                kv_cache_dtype_bytes=kv_bytes, kv_allocation=KV_ALLOCATION.get(target.format, ""))
+
+
+def choose_context(config: dict[str, Any], target, precision: str, requested: int = 0,
+                   quant: dict[str, Any] | None = None, extra_bytes: int = 0) -> Plan:
+    """The plan at the context to export for. ``requested`` (``--context-length``) is taken as it is;
+    otherwise the largest context that fits the target's RAM: the model's maximum (or the target's
+    cap), else the largest power of two below it, down to :data:`MIN_DEFAULT_CONTEXT`. When nothing
+    fits, the plan at the smallest candidate (its ``fits`` is False, its refusal says what to do)."""
+    from phi_edge.runtimes.errors import PhiEdgeError
+
+    model_max = int(config.get("max_position_embeddings", 4096))
+    if requested:
+        if requested > model_max:
+            raise PhiEdgeError(f"--context-length {requested} exceeds the model's maximum of {model_max}")
+        if requested < 16:
+            raise PhiEdgeError(f"--context-length must be at least 16, got {requested}")
+        plan = make_plan(config, target, precision, requested, quant, extra_bytes)
+        plan.context_note = f"context {requested} of {model_max}: from --context-length"
+        return plan
+    cap = min(target.context_length or model_max, model_max)
+    candidates = [cap] + [1 << k for k in range(cap.bit_length() - 1, 0, -1)
+                          if (1 << k) < cap and (1 << k) >= MIN_DEFAULT_CONTEXT]
+    plan = None
+    for context in candidates:
+        plan = make_plan(config, target, precision, context, quant, extra_bytes)
+        if plan.fits:
+            break
+    if context == model_max:
+        plan.context_note = f"context {context}: the model's maximum"
+    elif context == cap:
+        plan.context_note = f"context {context} of {model_max}: target '{target.name}' caps it; pass --context-length to change"
+    else:
+        plan.context_note = (f"context {context} of {model_max}: chosen to fit {human(target.ram_bytes)}; "
+                             f"pass --context-length to change")
+    return plan
