@@ -17,6 +17,7 @@ DEFAULT_MODEL = "microsoft/Phi-3.5-mini-instruct"
 SUPPORTED_ARCHITECTURES = {
     "Phi3ForCausalLM": "Phi-3 / Phi-3.5-mini / Phi-3-medium / Phi-4-mini",
     "PhiMoEForCausalLM": "Phi-3.5-MoE",
+    "PhimoeForCausalLM": "Phi-3.5-MoE (as transformers 5 names it)",
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "generation_config.json")
@@ -77,7 +78,7 @@ def rope_settings(config: dict[str, Any]) -> dict[str, Any]:
 
 def family_of(config: dict[str, Any]) -> str:
     arch = (config.get("architectures") or [""])[0]
-    if arch == "PhiMoEForCausalLM" or config.get("model_type") == "phimoe":
+    if arch in ("PhiMoEForCausalLM", "PhimoeForCausalLM") or config.get("model_type") == "phimoe":
         return "phimoe"
     if config.get("partial_rotary_factor", 1.0) < 1.0 or config.get("vocab_size", 0) > 100_000:
         return "phi4-mini"

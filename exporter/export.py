@@ -104,6 +104,7 @@ def _export(model, target, module, opts, out, revision, allow_pickle, trust_remo
         notes.append(f"tokenizer: {transformers_check}")
     with staging(out, opts.force) as tmp:
         result = module.export(ckpt, target, opts, tmp, steps)
+        notes += result.notes
         context = result.context_length or context
         copy_into(ckpt.path, tmp, checkpoints.TOKENIZER_FILES)
         source_tokenizers.write_artifact_files(source_tok, tmp)

@@ -111,7 +111,8 @@ def make_plan(config: dict[str, Any], target, precision: str, context: int, quan
     kv = kv_cache_bytes(config, context, kv_bytes)
     need = runtime_bytes(size, kv)
     moe = "n/a (dense model)"
-    if config.get("model_type") == "phimoe" or (config.get("architectures") or [""])[0] == "PhiMoEForCausalLM":
+    if config.get("model_type") == "phimoe" or (config.get("architectures") or [""])[0] in ("PhiMoEForCausalLM",
+                                                                                            "PhimoeForCausalLM"):
         moe = "yes" if target.moe else f"no: {target.moe_note}"
     return Plan(target=target.name, format=target.format, precision=precision, context_length=context,
                 parameters=param_counts(config).total, artifact_bytes=size, kv_cache_bytes=kv,

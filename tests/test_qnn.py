@@ -95,9 +95,11 @@ def test_compiled_artifact_holds_only_context_binaries(compiled):
     assert (rt["soc"], rt["htp_arch"], rt["soc_model"], rt["compiled"]) == ("sm8650", 75, 57, True)
     assert (rt["prefill_chunk"], rt["kv_window"], rt["mask_value"]) == (CHUNK, CONTEXT, -100.0)
     assert q["scheme"] == "w8a16" and q["weights"] == {"bits": 8, "granularity": "per-channel", "symmetric": True}
-    assert q["activations"]["bits"] == 16 and q["calibration_text"] == "built-in corpus"
+    assert q["activations"]["bits"] == 16 and q["calibration_text"] == "built-in text"
+    assert q["calibration_tokens"] > 2000  # prose, code, data, languages and chat turns in the model's template
     note = m["verification"]["qnn"]
-    assert "compiled for sm8650 (htp v75" in note and "QNN HTP simulator" in note and "not on a device" in note
+    assert "compiled for sm8650 (htp v75" in note and "QNN HTP simulator" in note and "not run on a device" in note
+    assert "agree with the same QDQ graphs run on the CPU" in note and 0.99 < m["verification"]["qdq_vs_float_cosine_mean"] <= 1
     assert m["verification"]["htp_vs_cpu_qdq_cosine_mean"] >= 0.999
     listed = {f["path"] for f in m["files"]}
     for graph in ("prefill", "decode"):

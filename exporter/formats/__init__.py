@@ -28,6 +28,7 @@ FORMAT_MODULES = {
     "openvino": "phi_edge.exporter.formats.openvino",
     "mlx": "phi_edge.exporter.formats.mlx",
     "qnn": "phi_edge.exporter.formats.qnn",
+    "gguf": "phi_edge.exporter.formats.gguf",
 }
 
 # every quantization option the CLI knows, with the flag that sets it (for error messages)
@@ -71,6 +72,7 @@ class FormatResult:
     runtime: dict[str, Any] = field(default_factory=dict)  # settings the runtime backend reads
     context_length: int | None = None  # if the format fixed it (e.g. a static KV window)
     verification: dict[str, Any] = field(default_factory=dict)  # e.g. {"qnn": "simulator-verified"}
+    notes: list[str] = field(default_factory=list)  # said to the user after the export
 
 
 def format_module(fmt: str):

@@ -78,6 +78,18 @@ def check(ckpt, target, opts: ExportOptions) -> None:
         raise PhiEdgeError("--int8-layers keeps layers at 8 bits inside an int4 model; use it with --precision int4")
 
 
+def hub_rope_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """mlx-lm reads LongRoPE from the hub's ``rope_scaling`` only; a config written by transformers 5
+    keeps it in ``rope_parameters``: hand mlx-lm the hub's spelling (the artifact's config.json gets it too)."""
+    from ..checkpoint import rope_settings
+
+    if config.get("rope_scaling") or not rope_settings(config):
+        return {}
+    rope = dict(rope_settings(config))
+    rope.setdefault("type", rope.get("rope_type"))
+    return {"rope_scaling": {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}}
+
+
 def smoke_device(target) -> str:
     """Where the post-export test runs: the GPU where MLX has one, else MLX's CPU build."""
     import mlx.core as mx
@@ -153,7 +165,7 @@ def export(ckpt, target, opts: ExportOptions, out: Path, steps) -> FormatResult:
     dtype = mx.float32 if opts.precision == "fp32" else mx.float16
     with steps.step(f"Loading the checkpoint with mlx-lm ({ckpt.config.get('model_type')})"):
         try:
-            model, config = load_model(Path(ckpt.path), lazy=True)
+            model, config = load_model(Path(ckpt.path), lazy=True, model_config=hub_rope_keys(ckpt.config))
         except ValueError as e:  # mlx-lm's own message: unsupported type, weights that do not fit the model
             raise PhiEdgeError(f"mlx-lm cannot convert this checkpoint: {e}") from None
         model.update(tree_map(lambda v: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v,

@@ -159,8 +159,9 @@ def finalize(out: Path, context_length: int, stop_token_ids: list[int]) -> None:
 def _builder_compat(builder) -> Iterator[None]:
     """onnxruntime-genai 0.18's builders predate transformers 5: the LongRoPE init reads the hub's old
     ``rope_scaling["type"]``, which a config written by transformers 5 (``rope_parameters`` with
-    ``rope_type`` only) lacks; the Phi-3.5-MoE builder also misses the LongRoPE init its dense sibling
-    has, and reads the old per-expert layout. Bridge all three for one export."""
+    ``rope_type`` only) lacks; it knows Phi-3.5-MoE only by the hub's class name; the MoE builder also
+    misses the LongRoPE init its dense sibling has, and reads the old per-expert layout. Bridge all
+    four for one export."""
     phi = sys.modules[builder.Phi3MoELongRoPEModel.__module__]
     original_moe, original_dense = phi.Phi3MoELongRoPEModel, phi.Phi3MiniLongRoPEModel
     dense_rope_init = original_dense.make_rope_init
@@ -180,10 +181,24 @@ def _builder_compat(builder) -> Iterator[None]:
 
     PhiMini.make_rope_init = PhiMoE.make_rope_init = make_rope_init
     builder.Phi3MoELongRoPEModel, builder.Phi3MiniLongRoPEModel = PhiMoE, PhiMini
+
+    # transformers 5 names Phi-3.5-MoE's class PhimoeForCausalLM; the builder only knows PhiMoEForCausalLM
+    from transformers import AutoConfig
+
+    load_config = AutoConfig.from_pretrained
+
+    def from_pretrained(*args, **kwargs):
+        config = load_config(*args, **kwargs)
+        if (getattr(config, "architectures", None) or [""])[0] == "PhimoeForCausalLM":
+            config.architectures = ["PhiMoEForCausalLM"]
+        return config
+
+    AutoConfig.from_pretrained = from_pretrained
     try:
         yield
     finally:
         builder.Phi3MoELongRoPEModel, builder.Phi3MiniLongRoPEModel = original_moe, original_dense
+        AutoConfig.from_pretrained = load_config
 
 
 def _legacy_moe(layer):

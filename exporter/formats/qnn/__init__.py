@@ -158,7 +158,7 @@ def export(ckpt, target, opts: ExportOptions, out: Path, steps) -> FormatResult:
     _simulate_smoke["ok"] = n_params <= SIMULATE_MAX_PARAMS or on_snapdragon()
     if _simulate_smoke["ok"]:
         with steps.step("Checking the graphs on the QNN HTP backend against the QDQ model on the CPU"):
-            checked = check_on_htp({g: out / graphs[g] for g in GRAPHS}, qdq, ids, layout, soc, block_quant)
+            checked = check_on_htp({g: out / graphs[g] for g in GRAPHS}, qdq, ids, layout, soc, block_quant, floats)
     shutil.rmtree(work, ignore_errors=True)
     quantization = {
         "tool": "onnxruntime.quantization (QNN QDQ config)", "format": "QDQ",
@@ -176,19 +176,27 @@ def export(ckpt, target, opts: ExportOptions, out: Path, steps) -> FormatResult:
                "num_layers": cfg.num_hidden_layers, "mask_value": qnn_graph.MASK_VALUE}
     if layout["sliding_window"]:
         runtime["sliding_window"] = layout["sliding_window"]
-    return FormatResult(quantization=quantization, runtime=runtime, context_length=context,
-                        verification={"qnn": verification_note(soc, s["compile"], bool(checked)), **checked})
+    notes = []
+    if not s["calibration_text"] and n_params > 1_000_000_000:
+        notes.append(f"calibrated on the built-in text ({len(ids)} tokens); for a {n_params / 1e9:.1f}B model, "
+                     f"pass --calibration-text with a few thousand tokens of the text your app will see")
+    return FormatResult(quantization=quantization, runtime=runtime, context_length=context, notes=notes,
+                        verification={"qnn": verification_note(soc, s["compile"], checked, n_params), **checked})
 
 
-def verification_note(soc, compiled: bool, checked: bool) -> str:
-    """What was checked where, in words: a workstation never claims a device."""
+def verification_note(soc, compiled: bool, checked: dict[str, Any], n_params: int = 0) -> str:
+    """What was compared, where, in words: a workstation never claims a device."""
     device = on_snapdragon()
     where = "a Snapdragon device" if device else f"the QNN HTP simulator ({platform.machine()})"
     built = (f"compiled for {soc.key} (htp v{soc.htp_arch}, soc_model {soc.soc_model})" if compiled
              else f"QDQ graphs that QNN compiles on first load (checked for {soc.key}, htp v{soc.htp_arch})")
     if not checked:
-        return f"{built}; not run here (too large for {where}); not verified on a device"
-    return f"{built}; verified on {where}" + ("" if device else ", not on a device")
+        return (f"{built}; not run on the simulator ({n_params / 1e6:.0f}M parameters, over the "
+                f"{SIMULATE_MAX_PARAMS / 1e6:.0f}M it runs in reasonable time); not verified on a device")
+    return (f"{built}; on {where}, a prefill chunk and 3 decode steps agree with the same QDQ graphs run on "
+            f"the CPU (logit cosine {checked['htp_vs_cpu_qdq_cosine_mean']:.6f}); the QDQ graphs against the "
+            f"float graphs of the source model: cosine {checked['qdq_vs_float_cosine_mean']:.6f}"
+            + ("" if device else "; not run on a device"))
 
 
 def on_snapdragon() -> bool:
@@ -200,10 +208,11 @@ def on_snapdragon() -> bool:
 
 
 def check_on_htp(shipped: dict[str, Path], qdq: dict[str, Path], ids: list[int], layout: dict[str, Any], soc,
-                 block_quant: bool) -> dict[str, Any]:
+                 block_quant: bool, floats: dict[str, Path] | None = None) -> dict[str, Any]:
     """Run a prefill chunk and a few decode steps of the shipped graphs on HTP (CPU fallback
     disabled, so every node ran there) and compare the logits with the QDQ graphs run as written
-    on the CPU. Refuses an artifact whose HTP results disagree."""
+    on the CPU, and those with the float graphs (the source model as traced). Refuses an artifact
+    whose HTP results disagree with the CPU's."""
     import onnxruntime as ort
 
     from phi_edge.runtimes.qnn import StaticModel
@@ -216,8 +225,12 @@ def check_on_htp(shipped: dict[str, Path], qdq: dict[str, Path], ids: list[int],
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the QDQ model as written
     cpu = {g: ort.InferenceSession(str(p), sess_options=so, providers=["CPUExecutionProvider"]) for g, p in qdq.items()}
     htp = {g: open_session(p, soc.htp_arch, soc.soc_model, block_quant) for g, p in shipped.items()}
+    runs = [("cpu", cpu), ("htp", htp)]
+    if floats:
+        runs.append(("float", {g: ort.InferenceSession(str(p), sess_options=so, providers=["CPUExecutionProvider"])
+                               for g, p in floats.items()}))
     results = {}
-    for name, sessions in (("cpu", cpu), ("htp", htp)):
+    for name, sessions in runs:
         model = StaticModel(prefill=lambda f, s=sessions: s["prefill"].run(None, f),
                             decode=lambda f, s=sessions: s["decode"].run(None, f), **layout)
         prompt = ids[:min(layout["chunk"], layout["context"] - 4)]
@@ -227,6 +240,9 @@ def check_on_htp(shipped: dict[str, Path], qdq: dict[str, Path], ids: list[int],
     report = {"htp_vs_cpu_qdq_cosine_mean": round(float(np.mean(cos)), 6),
               "htp_vs_cpu_qdq_cosine_min": round(float(np.min(cos)), 6),
               "cpu_fallback": "disabled: every node ran on HTP"}
+    if floats:
+        qcos = [cosine(a, b) for a, b in zip(results["cpu"], results["float"])]
+        report["qdq_vs_float_cosine_mean"] = round(float(np.mean(qcos)), 6)
     if report["htp_vs_cpu_qdq_cosine_mean"] < MIN_HTP_COSINE:
         raise PhiEdgeError(f"the graphs compiled for HTP disagree with the quantized model on the CPU (logit "
                            f"cosine {report['htp_vs_cpu_qdq_cosine_mean']:.4f}, want >= {MIN_HTP_COSINE}); "

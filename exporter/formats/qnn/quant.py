@@ -19,28 +19,65 @@ from typing import Any, Iterator
 
 from phi_edge.runtimes.errors import PhiEdgeError
 
-DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "data" / "corpus.txt"
+DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "data" / "calibration.txt"
 MAX_PREFILL_SAMPLES = 16
 MAX_DECODE_SAMPLES = 32
 DECODE_STEPS = 8  # teacher-forced decode steps after each calibration prefill
 RANGE_MARGIN = 0.25  # calibrated activation ranges are widened by this share on each open side
+# chat turns for the built-in calibration, rendered with the model's own chat template
+CALIBRATION_CHATS = [
+    [{"role": "system", "content": "You are a helpful assistant. Answer briefly."},
+     {"role": "user", "content": "What is the capital of Australia?"},
+     {"role": "assistant", "content": "The capital of Australia is Canberra."},
+     {"role": "user", "content": "And how many people live there?"},
+     {"role": "assistant", "content": "About 460,000 people live in Canberra (2021 census)."}],
+    [{"role": "user", "content": "Write a Python function that reverses a string."},
+     {"role": "assistant", "content": "def reverse(s: str) -> str:\n    return s[::-1]\n\nreverse('edge')  # 'egde'"}],
+    [{"role": "user", "content": "Give me three tips for sleeping better."},
+     {"role": "assistant", "content": "1. Keep a regular schedule.\n2. Avoid screens an hour before bed.\n"
+                                      "3. Keep the bedroom cool, dark and quiet."}],
+]
+
+
+def builtin_text(ckpt) -> str:
+    """The built-in calibration text: prose, code, data, several languages, and chat turns in the
+    model's own chat template (what an assistant model sees on the device)."""
+    from phi_edge.runtimes.chat_template import render_chat
+
+    from ...source_tokenizer import SourceTokenizer, chat_template_of
+
+    text = DEFAULT_TEXT.read_text(encoding="utf-8")
+    template = chat_template_of(ckpt.path, ckpt.tokenizer_config())
+    if not template:
+        return text
+    b = SourceTokenizer(ckpt.path).behaviour
+    for chat in CALIBRATION_CHATS:
+        try:
+            text += "\n" + render_chat(template, chat, add_generation_prompt=False, bos_token=b.bos_token or "",
+                                        eos_token=b.eos_token or "")
+        except PhiEdgeError:  # e.g. a template without a system role: that turn is left out
+            text += "\n" + render_chat(template, [m for m in chat if m["role"] != "system"],
+                                        add_generation_prompt=False, bos_token=b.bos_token or "",
+                                        eos_token=b.eos_token or "")
+    return text
 
 
 def calibration_tokens(ckpt, text_path: str | Path | None) -> tuple[list[int], str]:
-    """Token ids of the calibration text (the built-in corpus unless a file is given)."""
-    from tokenizers import Tokenizer
+    """Token ids of the calibration text (the built-in text unless a file is given), with the special
+    tokens the source tokenizer puts before a text (BOS for Phi-3)."""
+    from ...source_tokenizer import SourceTokenizer
 
     path = Path(text_path) if text_path else DEFAULT_TEXT
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8") if text_path else builtin_text(ckpt)
     except (OSError, UnicodeDecodeError) as e:
         raise PhiEdgeError(f"cannot read the calibration text '{path}' ({e}); pass a UTF-8 text file "
                            f"with --calibration-text") from None
-    ids = Tokenizer.from_file(str(ckpt.path / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    src = SourceTokenizer(ckpt.path)
+    ids = src.encode(text, add_special_tokens=False)
     if len(ids) < 16:
         raise PhiEdgeError(f"the calibration text '{path}' is only {len(ids)} tokens; give at least a paragraph")
-    bos = ckpt.config.get("bos_token_id")
-    return ([int(bos)] if isinstance(bos, int) else []) + ids, ("built-in corpus" if not text_path else str(path))
+    return src.behaviour.prefix + ids, ("built-in text" if not text_path else str(path))
 
 
 def _segments(ids: list[int], length: int) -> Iterator[list[int]]:

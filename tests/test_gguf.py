@@ -1,0 +1,142 @@
+"""The GGUF path: our Phi -> GGUF writer on the ``gguf`` package, run by llama.cpp through xllamacpp."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gguf")
+pytest.importorskip("xllamacpp")
+
+from phi_edge.exporter.export import run_export  # noqa: E402
+from phi_edge.exporter.verify import VERIFY_PROMPT  # noqa: E402
+from phi_edge.runtimes import load  # noqa: E402
+from phi_edge.runtimes.errors import PhiEdgeError  # noqa: E402
+
+pytestmark = pytest.mark.slow
+TARGET = "ollama"
+
+
+def test_fp32_greedy_text_matches_transformers(exported, reference):
+    out = exported(TARGET, "fp32")
+    rt, ref = load(out), reference("phi3")
+    want = ref.generate_text(VERIFY_PROMPT, 32, stop_token_ids=sorted(rt.stop_token_ids))
+    got = rt.generate(VERIFY_PROMPT, max_new_tokens=32, temperature=0)
+    assert rt.encode(VERIFY_PROMPT) == ref.encode(VERIFY_PROMPT)
+    assert got.token_ids == want.token_ids
+    assert got.text == want.text
+    # streaming gives the same text in pieces, and stopping early stops llama.cpp
+    assert "".join(rt.stream(VERIFY_PROMPT, max_new_tokens=32, temperature=0)) == want.text
+    assert len(rt.generate(VERIFY_PROMPT, max_new_tokens=3, temperature=0).token_ids) == 3
+
+
+def test_manifest_and_tokenizer_probes(exported, checkpoint):
+    from phi_edge.exporter.source_tokenizer import PROBES, SourceTokenizer
+
+    out = exported(TARGET, "fp32")
+    rt = load(out)
+    m = rt.manifest
+    assert m.format == "gguf" and (out / "model.gguf").is_file()
+    assert m.verification["tokenizer"].startswith(f"all {len(PROBES)} probe texts")
+    assert "match the checkpoint" in m.verification["gguf_readback"]
+    src = SourceTokenizer(checkpoint("phi3"))
+    for text in PROBES:
+        assert rt.encode(text) == src.encode(text), text
+
+
+@pytest.mark.parametrize("precision,body", [("int8", "Q8_0"), ("int4", "Q4_0")])
+def test_quantized_load_and_generate(exported, precision, body):
+    from gguf import GGUFReader
+
+    out = exported(TARGET, precision)
+    rt = load(out)
+    assert rt.manifest.quantization["body"] == body
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(out / "model.gguf")).tensors}
+    assert types["blk.0.attn_qkv.weight"] == body and types["blk.0.attn_norm.weight"] == "F32"
+    assert types["output.weight"] == "Q8_0"
+    r = rt.generate(VERIFY_PROMPT, max_new_tokens=8, temperature=0)
+    assert len(r.token_ids) == 8 or r.finish_reason == "stop"
+    a = rt.generate(VERIFY_PROMPT, max_new_tokens=8, temperature=0.9, seed=3).token_ids
+    assert a == rt.generate(VERIFY_PROMPT, max_new_tokens=8, temperature=0.9, seed=3).token_ids
+
+
+def test_readback_round_trip(exported, checkpoint):
+    """Every tensor read back with gguf.GGUFReader and dequantized with gguf's dequantizer is the
+    checkpoint's (exact at fp32, within Q4_0's step at int4); metadata says what llama.cpp needs."""
+    from gguf import GGUFReader, quants
+    from safetensors.numpy import load_file
+
+    src = {}
+    for f in sorted(checkpoint("phi3").glob("*.safetensors")):
+        src.update(load_file(str(f)))
+    for precision, tol in (("fp32", 0.0), ("int4", 1 / 7)):
+        reader = GGUFReader(str(exported(TARGET, precision) / "model.gguf"))
+        t = {x.name: x for x in reader.tensors}
+        for name, gname in (("model.layers.1.self_attn.qkv_proj.weight", "blk.1.attn_qkv.weight"),
+                            ("model.layers.0.mlp.gate_up_proj.weight", "blk.0.ffn_up.weight"),
+                            ("model.embed_tokens.weight", "token_embd.weight")):
+            want = src[name].astype(np.float32)
+            got = quants.dequantize(t[gname].data, t[gname].tensor_type).reshape(want.shape)
+            assert np.abs(got - want).max() <= tol * np.abs(want).max() + 1e-7, (precision, gname)
+        fields = reader.fields
+        assert bytes(fields["general.architecture"].parts[-1]).decode() == "phi3"
+        assert "phi-3" in bytes(fields["general.name"].parts[-1]).decode().lower()
+        assert bool(fields["tokenizer.ggml.add_bos_token"].parts[-1][0]) is True
+
+
+def test_real_tokenizer_vectors(checkpoint, session_dir, real_tokenizer):
+    from conftest import real_tokenizer_vectors
+
+    ckpt = session_dir / "gguf-real-tokenizer-ckpt"
+    if not ckpt.exists():
+        shutil.copytree(checkpoint("phi3"), ckpt)
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            if (real_tokenizer / name).is_file():
+                shutil.copy(real_tokenizer / name, ckpt / name)
+    out = session_dir / "gguf-real-tokenizer"
+    if not out.exists():
+        run_export(str(ckpt), TARGET, out, precision="fp32", smoke_test=False)
+    rt = load(out)
+    vectors = real_tokenizer_vectors(real_tokenizer)
+    assert len(vectors) == 47
+    for text, expected in vectors:
+        assert rt.encode(text) == [1] + expected, text
+    assert rt.generate("Hi", max_new_tokens=4, temperature=0).token_ids
+
+
+def test_truncated_file_is_a_clear_error(exported, session_dir):
+    out = session_dir / "gguf-truncated"
+    if not out.exists():
+        shutil.copytree(exported(TARGET, "fp32"), out)
+    data = (out / "model.gguf").read_bytes()
+    (out / "model.gguf").write_bytes(data[: len(data) // 2])
+    with pytest.raises(PhiEdgeError):
+        load(out)
+
+
+def test_logits_says_why_not(exported):
+    with pytest.raises(PhiEdgeError, match="logits"):
+        load(exported(TARGET, "fp32")).logits([1, 2, 3])
+
+
+@pytest.mark.parametrize("long", [False, True])
+def test_phi4_mini_longrope_greedy_matches_transformers(exported, reference, long):
+    """Partial rotary, tied embeddings, LongRoPE (original window 512 in the fixture): short factors in a
+    512-token context while the sequence fits, the long ones after a re-prefill past it."""
+    rt, ref = load(exported(TARGET, "fp32", family="phi4-mini")), reference("phi4-mini")
+    prompt = " ".join([VERIFY_PROMPT] * 32) if long else VERIFY_PROMPT
+    ids = ref.encode(prompt)
+    assert (len(ids) > 512) == long and (long or len(ids) + 24 < 512)
+    assert rt.encode(prompt) == ids
+    assert rt.generate(ids, max_new_tokens=24).token_ids == ref.greedy(ids, 24)
+
+
+def test_phi4_mini_greedy_across_the_switch(exported, reference):
+    rt, ref = load(exported(TARGET, "fp32", family="phi4-mini")), reference("phi4-mini")
+    ids = ref.encode(" ".join([VERIFY_PROMPT] * 32))[:500]
+    got, want = rt.generate(ids, max_new_tokens=24).token_ids, ref.greedy(ids, 24)
+    # short factors up to a 511-token sequence; the token after exactly 512 comes from the long context
+    # (llama.cpp's server keeps a context slot free), where transformers still uses the short factors
+    assert got[:12] == want[:12] and len(got) == 24
