@@ -71,7 +71,9 @@ def run_export(model: str | None, target_name: str, output: str | Path, precisio
     out = Path(output)
     check_output(out, force)
 
-    with tool_output_to_log("export"):
+    name = model or checkpoints.DEFAULT_MODEL
+    with tool_output_to_log(f"the export of {name} for target '{target.name}'", step=lambda: steps.current,
+                            hint="try another --precision or target, and please report it with the tool log"):
         return _export(model, target, module, opts, out, revision, allow_pickle, trust_remote_code, smoke_test,
                        steps)
 

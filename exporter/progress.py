@@ -26,6 +26,7 @@ class Steps:
     def __init__(self, enabled: bool | None = None):
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.times: dict[str, float] = {}
+        self.current = ""  # the step running now (named when a tool fails)
         self._console = None
         if self.enabled:
             self._con()
@@ -41,6 +42,7 @@ class Steps:
     @contextlib.contextmanager
     def step(self, title: str) -> Iterator[None]:
         start = time.perf_counter()
+        self.current = title
         if self.enabled:
             with self._con().status(f"[bold]{title}[/]…", spinner="dots"):
                 yield
@@ -48,6 +50,7 @@ class Steps:
         else:
             yield
         self.times[title] = round(time.perf_counter() - start, 3)
+        self.current = ""  # finished: a failure after this is in no step
 
     def note(self, text: str) -> None:
         if self.enabled:
@@ -104,8 +107,11 @@ def _inside(child: str, parent: Path) -> bool:
 
 
 @contextlib.contextmanager
-def tool_output_to_log(what: str) -> Iterator[Path]:
+def tool_output_to_log(what: str, step=None, hint: str = "") -> Iterator[Path]:
     """Send everything written to fd 1 and fd 2 while the block runs into a log file.
+
+    An unexpected exception from a tool becomes one :class:`PhiEdgeError` naming ``what`` failed, the
+    step it was in (``step()``, if given), the exception, ``hint`` (what to try) and the log.
 
     On an exception the error says where the log is and quotes its last lines. The log is removed
     when the block ends, except when the error raised out of it names the log (so the user can
@@ -137,7 +143,9 @@ def tool_output_to_log(what: str) -> Iterator[Path]:
         tail = log.read_text(errors="replace").strip().splitlines()[-5:]
         detail = " | ".join(line.strip()[:200] for line in tail if line.strip())
         keep = bool(detail)
-        raise PhiEdgeError(f"{what} failed: {type(e).__name__}: {str(e)[:500]}"
+        where = step() if step else ""
+        raise PhiEdgeError(f"{what} failed" + (f" while {where[0].lower() + where[1:]}" if where else "")
+                           + f": {type(e).__name__}: {str(e)[:500]}" + (f"; {hint}" if hint else "")
                            + (f" (tool log {log}: {detail})" if detail else "")) from e
     finally:
         stream.flush()

@@ -90,6 +90,17 @@ def assert_matches_reference(rt, ref, prompt: str, new_tokens: int = 32) -> list
     return ids
 
 
+def assert_text_parity(rt, ref, prompts, new_tokens: int = 24) -> None:
+    """Through text on both sides: the artifact's own encode -> greedy generate -> decoded text equals
+    the reference's tokens and text, with the artifact's stop tokens on both."""
+    for prompt in prompts:
+        ours = rt.generate(prompt, max_new_tokens=new_tokens, temperature=0)
+        theirs = ref.generate_text(prompt, new_tokens, stop_token_ids=sorted(rt.stop_token_ids))
+        assert ours.prompt_token_ids == ref.encode(prompt)
+        assert ours.token_ids == theirs.token_ids, prompt
+        assert ours.text == theirs.text, prompt
+
+
 def real_tokenizer_vectors(folder: Path) -> list[tuple[str, list[int]]]:
     """llama.cpp's Phi-3 tokenizer test vectors: (text, expected ids without BOS)."""
     inputs = (folder / "ggml-vocab-phi-3.gguf.inp").read_text().split("\n__ggml_vocab_test__\n")

@@ -193,3 +193,25 @@ def test_default_model_comes_from_the_local_hf_cache(checkpoint, tmp_path, monke
     m = json.loads((out / "phi-edge.json").read_text())
     assert m["source"]["model"] == "microsoft/Phi-3.5-mini-instruct" and m["target"] == "rpi5"
     assert m["family"] == "phi3-128k" and m["precision"] == "int4"
+
+
+def test_an_unexpected_tool_error_names_the_step_the_model_and_what_to_try(checkpoint, tmp_path, monkeypatch):
+    """A bug inside a tool never reaches the user as a bare TypeError."""
+    from phi_edge.exporter.formats import onnx_genai
+
+    def broken(ckpt, target, opts, out, steps):
+        with steps.step("Building the ONNX graph (fp32, cpu) with onnxruntime-genai"):
+            print("tool chatter before the crash")
+            rope_scaling = ckpt.config.get("no such key")
+            rope_scaling["short_factor"]  # what mlx-lm did with a transformers-5 MoE config
+
+    monkeypatch.setattr(onnx_genai, "export", broken)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(phi_export, [str(checkpoint("phi3")), "--target", "cpu", "--precision", "fp32",
+                                        "-o", str(out)])
+    assert r.exit_code == 1
+    msg = r.stderr.strip()
+    assert msg.count("\n") == 0 and msg.startswith(f"error: the export of {checkpoint('phi3')} for target 'cpu' "
+                                                   f"failed while building the ONNX graph")
+    assert "TypeError" in msg and "try another --precision or target" in msg and "tool log" in msg
+    assert not out.exists()

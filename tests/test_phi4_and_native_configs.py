@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import assert_text_parity
 
 from phi_edge.runtimes import load
 
@@ -39,12 +40,7 @@ def _reference(folder):
 
 
 def _assert_text_parity(rt, ref):
-    for prompt in PROMPTS:
-        ours = rt.generate(prompt, max_new_tokens=NEW_TOKENS, temperature=0)
-        theirs = ref.generate_text(prompt, NEW_TOKENS, stop_token_ids=sorted(rt.stop_token_ids))
-        assert ours.prompt_token_ids == ref.encode(prompt)
-        assert ours.token_ids == theirs.token_ids, prompt
-        assert ours.text == theirs.text, prompt
+    assert_text_parity(rt, ref, PROMPTS, NEW_TOKENS)
 
 
 def _export(ckpt, target, out, **kw):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import assert_text_parity
 
 from phi_edge.exporter.fixtures.saved import SAVED_SHAPES, write_saved_checkpoint
 from phi_edge.runtimes import load
@@ -61,12 +62,7 @@ def test_fp32_text_path_parity(saved, saved_reference, tmp_path, target, shape):
     _export(ckpt, target, out, precision="fp32")
     rt = load(out)
     assert rt.manifest.tokenizer["prefix_ids"] == [1]  # BOS from the post-processor
-    for prompt in PROMPTS:
-        ours = rt.generate(prompt, max_new_tokens=NEW_TOKENS, temperature=0)
-        theirs = ref.generate_text(prompt, NEW_TOKENS, stop_token_ids=sorted(rt.stop_token_ids))
-        assert ours.prompt_token_ids == ref.encode(prompt)
-        assert ours.token_ids == theirs.token_ids, prompt
-        assert ours.text == theirs.text, prompt
+    assert_text_parity(rt, ref, PROMPTS, NEW_TOKENS)
 
 
 @pytest.mark.slow

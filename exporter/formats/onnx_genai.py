@@ -146,11 +146,19 @@ def export(ckpt, target, opts: ExportOptions, out: Path, steps) -> FormatResult:
 
 
 def finalize(out: Path, context_length: int, stop_token_ids: list[int]) -> None:
-    """Make genai_config.json agree with the manifest: context window and stop tokens."""
+    """Make genai_config.json agree with the manifest: context window and stop tokens.
+
+    The decoder's ``sliding_window`` section goes: with it, onnxruntime-genai 0.18 sizes the KV cache
+    to the window and fails one step past it (GroupQueryAttention present-shape mismatch, e.g. after
+    2063 tokens of Phi-3-mini-4k's 2047 window). The graph's attention keeps its own window
+    (``local_window_size``), so the model still attends as transformers does."""
     path = out / "genai_config.json"
     cfg = json.loads(path.read_text())
     cfg["model"]["context_length"] = context_length
     cfg["model"]["eos_token_id"] = stop_token_ids
+    window = cfg["model"].get("decoder", {}).get("sliding_window") or {}
+    if not window.get("slide_key_value_cache"):
+        cfg["model"].get("decoder", {}).pop("sliding_window", None)
     cfg.setdefault("search", {})["max_length"] = context_length
     path.write_text(json.dumps(cfg, indent=4) + "\n")
 
