@@ -71,6 +71,7 @@ def _default_output(model: str | None, target: str, precision: str | None) -> st
 @click.option("--soc", help="[qnn] Snapdragon SoC to compile for (see 'phi-export targets').")
 @click.option("--prefill-chunk", type=int, help="[qnn] Tokens per prefill step of the static graph.")
 @click.option("--compile/--no-compile", "compile_", default=None, help="[qnn] Ship compiled context binaries (default) or only the QDQ model.")
+@click.option("--quant", help="[gguf] llama.cpp quantization mix: Q4_K_M (the --int4 default), Q4_K_S, Q5_K_M, Q6_K, Q4_0, Q8_0.")
 @click.option("--revision", help="Hub revision (branch, tag or commit).")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle (.bin) weights. Only for checkpoints you trust.")
 @click.option("--trust-remote-code", is_flag=True, help="Run the checkpoint repository's own Python code. Only for repositories you trust.")
@@ -79,7 +80,7 @@ def _default_output(model: str | None, target: str, precision: str | None) -> st
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
 def export_cmd(model, target, output, precision, context_length, block_size, group_size, symmetric, accuracy_level,
                algorithm, lm_head, embeddings, int8_layers, ratio, backup_precision, awq, scale_estimation, gptq,
-               calibration_text, soc, prefill_chunk, compile_, revision, allow_pickle, trust_remote_code, force,
+               calibration_text, soc, prefill_chunk, compile_, quant, revision, allow_pickle, trust_remote_code, force,
                no_smoke_test, as_json):
     """Export MODEL (a hub id, a local folder, or 'demo[:family]') for a device target.
 
@@ -95,7 +96,7 @@ def export_cmd(model, target, output, precision, context_length, block_size, gro
              "int8_layers": int8_layers, "ratio": ratio, "backup_precision": backup_precision, "awq": awq,
              "scale_estimation": scale_estimation, "gptq": gptq,
              "calibration_text": str(calibration_text) if calibration_text else None, "soc": soc,
-             "prefill_chunk": prefill_chunk, "compile": compile_}
+             "prefill_chunk": prefill_chunk, "compile": compile_, "quant": quant}
     quant = {k: v for k, v in given.items() if v is not None}
     profile = run_guarded(get_target, target)
     output = output or Path(_default_output(model, profile.name, precision or profile.precision))

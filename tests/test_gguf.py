@@ -46,16 +46,22 @@ def test_manifest_and_tokenizer_probes(exported, checkpoint):
         assert rt.encode(text) == src.encode(text), text
 
 
-@pytest.mark.parametrize("precision,body", [("int8", "Q8_0"), ("int4", "Q4_0")])
-def test_quantized_load_and_generate(exported, precision, body):
+# int4 is Q4_K_M; the fixture's hidden size 64 is not a multiple of 256, so its qkv falls back from Q5_K
+# to Q5_1 and the output to Q8_0, while ffn_down (width 256) is a real Q4_K / Q6_K (tests/test_gguf_kquants.py)
+@pytest.mark.parametrize("precision,body,qkv", [("int8", "Q8_0", "Q8_0"), ("int4", "Q4_K", "Q5_1")])
+def test_quantized_load_and_generate(exported, precision, body, qkv):
     from gguf import GGUFReader
 
     out = exported(TARGET, precision)
     rt = load(out)
     assert rt.manifest.quantization["body"] == body
     types = {t.name: t.tensor_type.name for t in GGUFReader(str(out / "model.gguf")).tensors}
-    assert types["blk.0.attn_qkv.weight"] == body and types["blk.0.attn_norm.weight"] == "F32"
+    assert types["blk.0.attn_qkv.weight"] == qkv and types["blk.0.attn_norm.weight"] == "F32"
     assert types["output.weight"] == "Q8_0"
+    if precision == "int4":
+        assert rt.manifest.quantization["scheme"] == "Q4_K_M"
+        assert (types["blk.0.ffn_down.weight"], types["blk.1.ffn_down.weight"]) == ("Q4_K", "Q6_K")
+        assert any(f.startswith("blk.0.attn_qkv.weight: row width 64") for f in rt.manifest.quantization["fallbacks"])
     r = rt.generate(VERIFY_PROMPT, max_new_tokens=8, temperature=0)
     assert len(r.token_ids) == 8 or r.finish_reason == "stop"
     a = rt.generate(VERIFY_PROMPT, max_new_tokens=8, temperature=0.9, seed=3).token_ids
@@ -64,7 +70,7 @@ def test_quantized_load_and_generate(exported, precision, body):
 
 def test_readback_round_trip(exported, checkpoint):
     """Every tensor read back with gguf.GGUFReader and dequantized with gguf's dequantizer is the
-    checkpoint's (exact at fp32, within Q4_0's step at int4); metadata says what llama.cpp needs."""
+    checkpoint's (exact at fp32, within a 4-bit step at int4); metadata says what llama.cpp needs."""
     from gguf import GGUFReader, quants
     from safetensors.numpy import load_file
 

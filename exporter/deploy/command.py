@@ -33,6 +33,7 @@ def push_cmd(artifact, dest, identity, port, remote_phi_run, verify, as_json):
       phi-export push out pi@raspberrypi.local:models/phi
       phi-export push out ssh://pi@10.0.0.7:2222/home/pi/models/phi -i ~/.ssh/pi_key
       phi-export push out adb://SERIAL/data/local/tmp/phi
+      phi-export push out ollama://localhost:11434/my-phi     (a --target ollama artifact)
 
     Files already there with the same sha256 are skipped and an interrupted copy resumes when the
     command is run again. Keys only: your agent, ~/.ssh keys or --identity; never a password.
@@ -64,6 +65,8 @@ def push_cmd(artifact, dest, identity, port, remote_phi_run, verify, as_json):
     except PhiEdgeError as e:
         fail(str(e))
     except KeyboardInterrupt:
+        if dest.startswith("ollama://"):
+            fail("interrupted; Ollama keeps no partial model: rerun the same command to push again", 130)
         fail("interrupted; the files sent so far stay on the device: rerun the same command to resume", 130)
     finally:
         if progress is not None:
@@ -84,6 +87,11 @@ def push_cmd(artifact, dest, identity, port, remote_phi_run, verify, as_json):
 def _print_push(r: dict[str, Any]) -> None:
     from ..sizing import human
 
+    if r.get("ollama"):
+        sent = f"sent {human(r['bytes_sent'])}" if r["blob"] == "sent" else "the GGUF blob was already there"
+        click.echo(f"Created {r['destination']} ({sent}; {r['digest'][:19]}...) in {r['seconds']:.1f}s; Ollama shows "
+                   f"it: run it with 'ollama run {r['model']}'")
+        return
     if r["up_to_date"]:
         click.echo(f"{r['destination']} is up to date: all {r['files']} files have the manifest's sha256")
     else:

@@ -1,7 +1,8 @@
 """``phi-export push ARTIFACT DEST``: copy an artifact folder to a device and check it there.
 
-DEST is ``ssh://user@host[:port]/path``, ``user@host:path`` (SSH, through paramiko) or
-``adb://SERIAL/path`` (Android, through the adb program). The copy lands in a staging folder beside
+DEST is ``ssh://user@host[:port]/path``, ``user@host:path`` (SSH, through paramiko),
+``adb://SERIAL/path`` (Android, through the adb program) or ``ollama://HOST[:PORT]/NAME`` (a GGUF
+artifact into an Ollama server as model NAME, see :mod:`.ollama`). The copy lands in a staging folder beside
 DEST and is renamed into place only when every file has arrived with its manifest sha256, so the
 device never holds half an artifact under DEST. Files already on the device with the right sha256
 are not sent again, a partly sent file continues where it stopped, and a failed copy keeps the
@@ -27,7 +28,7 @@ from phi_edge.runtimes.manifest import MANIFEST_NAME, Manifest, read_manifest, s
 STAGING_PREFIX = ".phi-edge-push-"
 OLD_PREFIX = ".phi-edge-old-"
 PARTIAL = ".partial"
-FORMS = "ssh://user@host[:port]/path, user@host:path or adb://SERIAL/path"
+FORMS = "ssh://user@host[:port]/path, user@host:path, adb://SERIAL/path or ollama://HOST[:PORT]/NAME"
 q = shlex.quote
 
 # sha256 on a device without sha256sum: "HASH  NAME" lines like sha256sum's
@@ -37,15 +38,18 @@ _PY_SHA256 = ("import hashlib,sys\nfor p in sys.argv[1:]:\n h=hashlib.sha256()\n
 
 @dataclass
 class Destination:
-    scheme: str  # "ssh" or "adb"
+    scheme: str  # "ssh", "adb" or "ollama"
     host: str  # host name, or adb serial ("" for adb's only device)
-    path: str  # absolute, or relative to the login's home folder
+    path: str  # absolute, or relative to the login's home folder; ollama: the model NAME
     user: str | None = None
     port: int | None = None
 
     def __str__(self) -> str:
         if self.scheme == "adb":
             return f"adb://{self.host}{self.path}"
+        if self.scheme == "ollama":
+            host = f"[{self.host}]" if ":" in self.host else self.host
+            return f"ollama://{host}:{self.port or 11434}/{self.path}"
         path = self.path if self.path.startswith("/") else "/~/" + self.path
         return f"ssh://{self.user + '@' if self.user else ''}{self.host}{f':{self.port}' if self.port else ''}{path}"
 
@@ -76,6 +80,17 @@ def parse_destination(dest: str) -> Destination:
         if not slash or not path.strip("/"):
             raise bad
         return Destination("adb", serial, "/" + path)
+    if dest.startswith("ollama://"):
+        u = urllib.parse.urlsplit(dest)
+        try:
+            port = u.port
+        except ValueError:
+            raise PhiEdgeError(f"destination '{dest}' has a bad port number") from None
+        name = urllib.parse.unquote(u.path).strip("/")
+        if not u.hostname or u.username or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-/]*(:[A-Za-z0-9_.\-]+)?", name):
+            raise PhiEdgeError(f"destination '{dest}' is not ollama://HOST[:PORT]/NAME (NAME: an Ollama model name "
+                               f"such as my-phi or my-phi:q4)")
+        return Destination("ollama", u.hostname, name, None, port)
     m = re.fullmatch(r"(?:([^@/:]+)@)?(\[[^\]]+\]|[^@/:\[\]]+):(.+)", dest)
     if not m or m.group(3).strip("/") in ("", "~"):
         raise bad
@@ -111,6 +126,10 @@ def push(artifact: str | Path, dest: str, identity: str | Path | None = None, po
         if d.scheme != "ssh":
             raise PhiEdgeError("--port is for ssh:// destinations")
         d.port = port
+    if d.scheme == "ollama":
+        from .ollama import push_ollama
+
+        return push_ollama(folder, manifest, d.host, d.port, d.path, on_start or _ignore, on_bytes or _ignore)
     t = open_transport(d, identity)
     try:
         report = _copy(t, d, files, on_start or _ignore, on_bytes or _ignore)

@@ -50,6 +50,7 @@ OPTION_FLAGS = {
     "soc": "--soc",
     "prefill_chunk": "--prefill-chunk",
     "compile": "--compile/--no-compile",
+    "quant": "--quant",
 }
 
 

@@ -3,8 +3,9 @@
 Writes ``model.gguf`` for llama.cpp's ``phi3`` architecture (Phi-3, Phi-3.5-mini, Phi-4-mini): the
 hyperparameters, LongRoPE (``rope_factors_long/short``, attention factor, original context), the
 sliding window, the tokenizer (``tokenizer.ggml.*``, see :mod:`.vocab`) and the chat template, and the
-tensors (:mod:`.tensors`) at fp32, fp16, bf16, int8 (Q8_0) or int4 (Q4_0), quantized with ``gguf``'s
-numpy quantizer. K-quants (Q4_K_M etc.) need a quantizer we do not have yet. Every quantized tensor
+tensors (:mod:`.tensors`) at fp32, fp16, bf16, int8 (Q8_0) or int4 (llama.cpp's Q4_K_M mix, see
+:func:`q4_k_m_type`), quantized with ``gguf``'s numpy quantizer and our own K-quants (:mod:`.kquants`,
+Q4_K / Q5_K / Q6_K, which ``gguf`` only dequantizes). Every quantized tensor
 is read back with ``gguf.GGUFReader`` and dequantized with ``gguf``'s dequantizer before the export
 is accepted. Nothing of llama.cpp's convert script is used or run.
 """
@@ -19,18 +20,128 @@ import numpy as np
 from phi_edge.runtimes.errors import PhiEdgeError
 
 from .. import ExportOptions, FormatResult, require_tool
-from . import tensors, vocab
+from . import kquants, tensors, vocab
 
 FORMAT = "gguf"
-OPTIONS: frozenset[str] = frozenset()
+OPTIONS: frozenset[str] = frozenset({"quant"})
 TOOLS = ("gguf", "xllamacpp")
 FILE = "model.gguf"
 ARCH = "phi3"
 # bytes per weight of each storage type (blocks of 32: Q8_0 34 bytes, Q4_0 18 bytes)
-BYTES = {"F32": 4.0, "F16": 2.0, "BF16": 2.0, "Q8_0": 34 / 32, "Q4_0": 18 / 32}
+BYTES = {"F32": 4.0, "F16": 2.0, "BF16": 2.0, "Q8_0": 34 / 32, "Q4_0": 18 / 32, "Q5_0": 22 / 32, "Q5_1": 24 / 32,
+         "Q4_K": 144 / 256, "Q5_K": 176 / 256, "Q6_K": 210 / 256}
 # a dequantized tensor read back from the file must be this close to the source, relative to the
 # tensor's largest magnitude (a scale per 32 weights: Q8_0 half a step of 1/127, Q4_0 of 1/8)
-READBACK_TOLERANCE = {"F32": 0.0, "F16": 1e-3, "BF16": 8e-3, "Q8_0": 1 / 127, "Q4_0": 1 / 7}
+# (Q5_0/Q5_1: a step of their 32 levels; the K-quants: a step of a sub-block of their 16 / 32 / 64 levels with
+# room for the least-squares scales, which may clip a sub-block's extreme, and the 6- / 8-bit scales)
+READBACK_TOLERANCE = {"F32": 0.0, "F16": 1e-3, "BF16": 8e-3, "Q8_0": 1 / 127, "Q4_0": 1 / 7,
+                      "Q5_0": 1 / 15, "Q5_1": 1 / 15, "Q4_K": 1 / 5, "Q5_K": 1 / 10, "Q6_K": 1 / 15}
+
+# int4 is llama.cpp's Q4_K_M, as llama_tensor_get_type (src/llama-quant.cpp) picks the types for a dense,
+# non-Falcon model: Q4_K for every matrix except
+# - output.weight (token_embd.weight when the embeddings are tied and there is no output): Q6_K, or Q8_0
+#   when its row width is not a multiple of 256;
+# - attn_qkv (the fused projection Phi-3 has): Q5_K; llama.cpp's Q6_K rule for attn_v in the
+#   use_more_bits layers only matches split attn_v tensors, which phi3 GGUFs do not have;
+# - ffn_down in the layers use_more_bits picks (the first and last eighth, and every third layer
+#   between them): Q6_K.
+# --quant picks another of llama.cpp's mixes, by the same function's rules: Q4_K_S (Q4_K; Q5_K for
+# ffn_down in the first eighth of the layers), Q5_K_M (Q5_K; Q6_K for attn_qkv and the use_more_bits
+# ffn_down), Q6_K (Q6_K throughout), each with the output rule above; Q4_0 and Q8_0 are the plain
+# recipes of --int4 before K-quants (output Q8_0) and of --int8.
+# A matrix whose row width is not a multiple of 256 falls back as llama.cpp does: Q4_K -> Q5_0,
+# Q5_K -> Q5_1, Q6_K -> Q8_0, and to F16 when the width is not a multiple of 32 either; each fallback
+# is listed in the manifest's quantization "fallbacks".
+Q4_K_M = "Q4_K_M"
+K_SCHEMES = {"Q4_K_M": "Q4_K", "Q4_K_S": "Q4_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K"}  # scheme -> most tensors' type
+PLAIN_SCHEMES = {"Q4_0": "int4", "Q8_0": "int8"}  # scheme -> the tensors.RECIPES entry it is
+SCHEME_FILE_TYPES = {"Q4_0": 2, "Q8_0": 7, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}  # llama_ftype
+DEFAULT_SCHEMES = {"int4": Q4_K_M, "int8": "Q8_0"}
+K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def use_more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's choice of the layers that get more bits in its _M mixes."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def kquant_type(scheme: str, name: str, shape: tuple[int, ...], n_layers: int,
+                tied: bool) -> tuple[str, str | None]:
+    """(type, fallback note) of one GGUF tensor in a K-quant mix (the rules above); 1-D tensors stay F32."""
+    if len(shape) < 2:
+        return "F32", None
+    width = shape[-1]
+    parts = name.split(".")
+    kind = parts[2] if name.startswith("blk.") else None
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        if width % kquants.QK_K:
+            return "Q8_0", f"{name}: row width {width} is not a multiple of {kquants.QK_K}; stored as Q8_0, not Q6_K"
+        return "Q6_K", None
+    want = K_SCHEMES[scheme]
+    if kind == "attn_qkv":
+        want = {"Q4_K_M": "Q5_K", "Q5_K_M": "Q6_K"}.get(scheme, want)
+    elif kind == "ffn_down":
+        layer = int(parts[1])
+        if scheme in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, n_layers):
+            want = "Q6_K"
+        elif scheme == "Q4_K_S" and layer < n_layers // 8:
+            want = "Q5_K"
+    if width % kquants.QK_K == 0:
+        return want, None
+    got = K_FALLBACK[want] if width % tensors.BLOCK == 0 else "F16"
+    return got, f"{name}: row width {width} is not a multiple of {kquants.QK_K}; stored as {got}, not {want}"
+
+
+def q4_k_m_type(name: str, shape: tuple[int, ...], n_layers: int, tied: bool) -> tuple[str, str | None]:
+    return kquant_type(Q4_K_M, name, shape, n_layers, tied)
+
+
+def scheme_of(precision: str, q: dict[str, Any]) -> str:
+    """The quantization mix: --quant's, else int4's Q4_K_M, int8's Q8_0, or the float type."""
+    name = q.get("quant")
+    if name is None:
+        return DEFAULT_SCHEMES.get(precision) or tensors.RECIPES[precision][0]
+    known = {s.lower(): s for s in SCHEME_FILE_TYPES}
+    if str(name).lower() not in known:
+        raise PhiEdgeError(f"--quant {name} is not a GGUF quantization phi-edge writes; known: "
+                           f"{', '.join(SCHEME_FILE_TYPES)}")
+    if precision not in DEFAULT_SCHEMES:
+        raise PhiEdgeError(f"--quant applies to quantized GGUF exports (--int4 or --int8), not {precision}")
+    return known[str(name).lower()]
+
+
+def storage_type(name: str, shape: tuple[int, ...], scheme: str, n_layers: int, tied: bool):
+    if scheme in K_SCHEMES:
+        return kquant_type(scheme, name, shape, n_layers, tied)
+    recipe = PLAIN_SCHEMES.get(scheme) or next(p for p, r in tensors.RECIPES.items() if r[0] == scheme)
+    return tensors.storage_type(name, shape, recipe)
+
+
+def encode(array: np.ndarray, qtype: str):
+    if qtype in kquants.TYPES:
+        from gguf import GGMLQuantizationType
+
+        return kquants.quantize(array, qtype), GGMLQuantizationType[qtype]
+    return tensors.encode(array, qtype)
+
+
+def scheme_bytes(config: dict[str, Any], scheme: str) -> int:
+    """The matrices' bytes in a quantization mix, tensor by tensor from the configuration's shapes."""
+    from ...sizing import head_dim
+
+    h, inter, layers = int(config["hidden_size"]), int(config["intermediate_size"]), int(config["num_hidden_layers"])
+    heads = int(config["num_attention_heads"])
+    kv = int(config.get("num_key_value_heads") or heads)
+    hd, vocab_n = head_dim(config), int(config["vocab_size"])
+    tied = bool(config.get("tie_word_embeddings"))
+    shapes = {"token_embd.weight": (vocab_n, h)}
+    if not tied:
+        shapes["output.weight"] = (vocab_n, h)
+    for i in range(layers):
+        shapes.update({f"blk.{i}.attn_qkv.weight": ((heads + 2 * kv) * hd, h),
+                       f"blk.{i}.attn_output.weight": (h, heads * hd),
+                       f"blk.{i}.ffn_up.weight": (2 * inter, h), f"blk.{i}.ffn_down.weight": (h, inter)})
+    return int(sum(BYTES[storage_type(n, s, scheme, layers, tied)[0]] * s[0] * s[1] for n, s in shapes.items()))
 
 
 def check(ckpt, target, opts: ExportOptions) -> None:
@@ -41,6 +152,7 @@ def check(ckpt, target, opts: ExportOptions) -> None:
                            f"not {ckpt.architecture}; export it for another target, e.g. --target intel-cpu")
     if opts.precision not in tensors.RECIPES:
         raise PhiEdgeError(f"the gguf exporter writes {', '.join(tensors.RECIPES)}, not {opts.precision}")
+    scheme_of(opts.precision, opts.quant)  # an unknown --quant name, or --quant on a float export
     if config.get("quantization_config"):
         raise PhiEdgeError("the checkpoint is already quantized; export from its float checkpoint")
     if ckpt.weight_format != "safetensors":
@@ -57,6 +169,9 @@ def estimate_bytes(config: dict[str, Any], precision: str, q: dict[str, Any], ta
     from ...sizing import param_counts
 
     c = param_counts(config)
+    scheme = scheme_of(precision, q)
+    if scheme in K_SCHEMES or scheme in PLAIN_SCHEMES:
+        return scheme_bytes(config, scheme) + int(c.other * 4)
     body, embd, out = (BYTES[t] for t in tensors.RECIPES[precision])
     return int(c.linear * body + c.embeddings * embd + c.lm_head * out + c.other * 4)
 
@@ -103,7 +218,9 @@ def export(ckpt, target, opts: ExportOptions, out: Path, steps) -> FormatResult:
     writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
     if config.get("sliding_window"):
         writer.add_sliding_window(int(config["sliding_window"]))
-    writer.add_file_type(tensors.FILE_TYPES[tensors.RECIPES[precision][0]])
+    n_layers = int(config["num_hidden_layers"])
+    scheme = scheme_of(precision, opts.quant)
+    writer.add_file_type(SCHEME_FILE_TYPES.get(scheme) or tensors.FILE_TYPES[scheme])
     attn_factor = 1.0
     extra: dict[str, np.ndarray] = {}
     if rope:
@@ -121,17 +238,16 @@ def export(ckpt, target, opts: ExportOptions, out: Path, steps) -> FormatResult:
     types: dict[str, str] = {}
     fallbacks: list[str] = []
     names: list[str] = []
-    with steps.step(f"Converting the weights to GGUF ({precision}: "
-                    f"{'/'.join(dict.fromkeys(tensors.RECIPES[precision]))})"):
+    with steps.step(f"Converting the weights to GGUF ({precision}: {scheme})"):
         for src, array in tensors.read_checkpoint(ckpt.weight_files):
             names.append(src)
             dst = tensors.gguf_name(src)
             if dst is None or (tied and dst == "output.weight"):
                 continue
-            qtype, note = tensors.storage_type(dst, array.shape, precision)
+            qtype, note = storage_type(dst, array.shape, scheme, n_layers, tied)
             if note:
                 fallbacks.append(note)
-            data, raw = tensors.encode(array, qtype)
+            data, raw = encode(array, qtype)
             writer.add_tensor(dst, data, raw_dtype=raw)
             types[dst] = qtype
         tensors.check_names(names)
@@ -147,11 +263,16 @@ def export(ckpt, target, opts: ExportOptions, out: Path, steps) -> FormatResult:
     counts: dict[str, int] = {}
     for t in types.values():
         counts[t] = counts.get(t, 0) + 1
-    quant = {"tool": "gguf (numpy quantizer)", "file": FILE, "types": counts,
-             "body": tensors.RECIPES[precision][0], "token_embd": types.get("token_embd.weight"),
+    quant = {"tool": "gguf (numpy quantizer)" + (" and phi-edge's numpy K-quants" if scheme in K_SCHEMES else ""),
+             "file": FILE, "types": counts, "scheme": scheme,
+             "body": K_SCHEMES.get(scheme) or tensors.RECIPES[PLAIN_SCHEMES.get(scheme, precision)][0],
+             "token_embd": types.get("token_embd.weight"),
              "output": "token_embd (tied)" if tied else types.get("output.weight"), "fallbacks": fallbacks}
     runtime = {"gguf_file": FILE, "original_context_length": original if rope else None,
                "longrope": bool(rope), "general_name": name}
+    from .modelfile import write as write_modelfile  # Ollama's Modelfile beside the gguf file
+
+    write_modelfile(out, FILE, ckpt.family, opts.context_length)
     return FormatResult(quantization=quant, runtime=runtime,
                         verification={"gguf_readback": readback, "gguf_tokenizer": tok_info})
 
