@@ -72,6 +72,7 @@ class GgufRuntime(Runtime):
             p.n_batch = p.n_ubatch = min(512, n_ctx)
             p.n_parallel = 1
             p.warmup = False
+            p.verbosity = -1  # llama.cpp logs only errors: phi-run prints the text, not the engine's chatter
             p.cache_prompt = True
             threads = max(1, min(8, os.cpu_count() or 1))
             p.cpuparams.n_threads = p.cpuparams_batch.n_threads = threads
