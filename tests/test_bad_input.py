@@ -215,3 +215,6 @@ def test_an_unexpected_tool_error_names_the_step_the_model_and_what_to_try(check
                                                    f"failed while building the ONNX graph")
     assert "TypeError" in msg and "try another --precision or target" in msg and "tool log" in msg
     assert not out.exists()
+    log = Path(msg.split("(tool log ", 1)[1].split(":", 1)[0])  # kept because the message names it
+    assert log.read_text().startswith("tool chatter before the crash")
+    log.unlink()
