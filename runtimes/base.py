@@ -234,9 +234,8 @@ class Runtime:
         text_stream = self._text_stream(prompt_ids)
         timings = result.timings
         timings.prompt_tokens = len(prompt_ids)
-        held = ""  # text not yet emitted because it might be the start of a stop string
+        strings = StopStrings(stop)
         finish = "length"
-        hit_string = False
         start = time.perf_counter()
         tokens = self._token_ids(prompt_ids, params)
         try:
@@ -249,39 +248,48 @@ class Runtime:
                     finish = "stop"
                     break
                 result.token_ids.append(token)
-                piece = text_stream.put(token)
-                if not piece:
-                    if len(result.token_ids) >= params.max_new_tokens:
-                        break
-                    continue
-                if stop:
-                    held += piece
-                    cut = _find_stop(held, stop)
-                    if cut is not None:
-                        result.text += held[:cut]
-                        if held[:cut]:
-                            yield held[:cut]
-                        held, finish, hit_string = "", "stop", True
-                        break
-                    safe = len(held) - _longest_stop_prefix(held, stop)
-                    piece, held = held[:safe], held[safe:]
+                piece = strings.feed(text_stream.put(token))
                 if piece:
                     result.text += piece
                     yield piece
+                if strings.hit:
+                    finish = "stop"
+                    break
                 if len(result.token_ids) >= params.max_new_tokens:
                     break
         finally:
             tokens.close()
-        tail = "" if hit_string else held + text_stream.flush()
-        if stop and tail:
-            cut = _find_stop(tail, stop)
-            if cut is not None:
-                tail, finish = tail[:cut], "stop"
+        tail = "" if strings.hit else strings.held + text_stream.flush()
+        cut = _find_stop(tail, strings.stop) if strings.stop and tail else None
+        if cut is not None:
+            tail, finish = tail[:cut], "stop"
         if tail:
             result.text += tail
             yield tail
         timings.total_s = time.perf_counter() - start
         result.finish_reason = finish
+
+
+class StopStrings:
+    """Cuts streamed text at the first stop string, holding back a tail that could begin one."""
+
+    def __init__(self, stop: Sequence[str]):
+        self.stop = [s for s in stop if s]
+        self.held = ""  # text not yet emitted because it might be the start of a stop string
+        self.hit = False  # a stop string appeared: nothing after it is wanted
+
+    def feed(self, piece: str) -> str:
+        """The part of ``piece`` (with what was held) that is safe to emit now."""
+        if not self.stop:
+            return piece
+        self.held += piece
+        cut = _find_stop(self.held, self.stop)
+        if cut is not None:
+            out, self.held, self.hit = self.held[:cut], "", True
+            return out
+        safe = len(self.held) - _longest_stop_prefix(self.held, self.stop)
+        out, self.held = self.held[:safe], self.held[safe:]
+        return out
 
 
 def _find_stop(text: str, stop: Sequence[str]) -> int | None:

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from .base import GenerationResult, Runtime, SamplingParams, _find_stop, _longest_stop_prefix
+from .base import GenerationResult, Runtime, SamplingParams, StopStrings
 from .errors import PhiEdgeError
 
 OPENAI_MAX_STOP = 4  # the most stop strings the OpenAI API takes; any more are applied here
@@ -200,7 +200,8 @@ class RemoteRuntime(Runtime):
         timings = result.timings
         start = time.perf_counter()
         response = self._open(path, payload)
-        held, finish, done, received, chunks = "", None, False, 0, 0
+        strings = StopStrings(stop)
+        finish, done, received, chunks = None, False, 0, 0
         try:
             for data in self._events(response):
                 if data == "[DONE]":
@@ -223,32 +224,23 @@ class RemoteRuntime(Runtime):
                         timings.time_to_first_token_s = time.perf_counter() - start
                     chunks += 1
                     received += len(piece)
-                    if finish == "_stopped_here":
+                    if strings.hit:
                         continue
-                    if stop:
-                        held += piece
-                        cut = _find_stop(held, stop)
-                        if cut is not None:
-                            if held[:cut]:
-                                result.text += held[:cut]
-                                yield held[:cut]
-                            held, finish = "", "_stopped_here"
-                            continue
-                        safe = len(held) - _longest_stop_prefix(held, stop)
-                        piece, held = held[:safe], held[safe:]
+                    piece = strings.feed(piece)
                     if piece:
                         result.text += piece
                         yield piece
-                if finish == "_stopped_here":
+                if strings.hit:
+                    finish = "_stopped_here"
                     break  # our own stop string: the rest is not wanted
         finally:
             response.close()
         if finish is None and not done:
             raise PhiEdgeError(f"the stream from {self.provider.name} ({self.url}) ended before it finished, after "
                                f"{received} characters: the connection was cut; retry the request")
-        if held:
-            result.text += held
-            yield held
+        if strings.held:
+            result.text += strings.held
+            yield strings.held
         if not timings.generated_tokens:
             timings.generated_tokens = chunks
         timings.total_s = time.perf_counter() - start
