@@ -18,6 +18,7 @@ SUPPORTED_ARCHITECTURES = {
     "Phi3ForCausalLM": "Phi-3 / Phi-3.5-mini / Phi-3-medium / Phi-4-mini",
     "PhiMoEForCausalLM": "Phi-3.5-MoE",
     "PhimoeForCausalLM": "Phi-3.5-MoE (as transformers 5 names it)",
+    "Phi4MultimodalForCausalLM": "Phi-4-multimodal, transformers' native phi4_multimodal (vision; onnx-genai only)",
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "generation_config.json")
@@ -37,7 +38,7 @@ class Checkpoint:
     config: dict[str, Any]
     config_sha256: str
     architecture: str
-    family: str  # phi3 | phi3-128k | phimoe | phi4-mini
+    family: str  # phi3 | phi3-128k | phimoe | phi4-mini | phi4-multimodal
     weight_files: list[Path]
     weight_format: str  # safetensors | pytorch
     trust_remote_code: bool = False
@@ -80,6 +81,8 @@ def family_of(config: dict[str, Any]) -> str:
     arch = (config.get("architectures") or [""])[0]
     if arch in ("PhiMoEForCausalLM", "PhimoeForCausalLM") or config.get("model_type") == "phimoe":
         return "phimoe"
+    if config.get("model_type") == "phi4_multimodal":
+        return "phi4-multimodal"
     if config.get("partial_rotary_factor", 1.0) < 1.0 or config.get("vocab_size", 0) > 100_000:
         return "phi4-mini"
     rope = rope_settings(config)

@@ -49,6 +49,7 @@ def _default_output(model: str | None, target: str, precision: str | None) -> st
 @main.command("export")
 @click.argument("model", required=False)
 @click.option("-t", "--target", required=True, help="Device profile (see 'phi-export targets'), e.g. rpi5, android, cpu, cuda.")
+@click.option("-f", "--format", "fmt", help="Another format the target offers, e.g. gguf for rpi5, android, cpu (default: the target's own; see 'phi-export targets').")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Artifact folder to write (default: MODEL-TARGET-PRECISION).")
 @click.option("-p", "--precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), help="Weight precision (default: the target's).")
 @click.option("--int4", "precision", flag_value="int4", help="Short for --precision int4.")
@@ -64,10 +65,10 @@ def _default_output(model: str | None, target: str, precision: str | None) -> st
 @click.option("--int8-layers", help="[mlx] Comma-separated module names kept at 8 bits, e.g. down_proj.")
 @click.option("--ratio", type=float, help="[openvino] Share of layers at the main precision (the rest at the backup precision).")
 @click.option("--backup-precision", type=click.Choice(["int8_asym", "int8_sym", "none"]), help="[openvino] Precision of the layers outside --ratio.")
-@click.option("--awq", is_flag=True, default=None, help="[openvino] Data-aware AWQ (needs --calibration-text).")
+@click.option("--awq", is_flag=True, default=None, help="[openvino, onnx-genai int4] Data-aware AWQ (needs --calibration-text).")
 @click.option("--scale-estimation", is_flag=True, default=None, help="[openvino] Data-aware scale estimation (needs --calibration-text).")
-@click.option("--gptq", is_flag=True, default=None, help="[openvino] Data-aware GPTQ (needs --calibration-text).")
-@click.option("--calibration-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="[openvino, qnn] Local text file for calibration.")
+@click.option("--gptq", is_flag=True, default=None, help="[openvino, onnx-genai int4] Data-aware GPTQ (needs --calibration-text).")
+@click.option("--calibration-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="[openvino, qnn, onnx-genai] Local text file for calibration.")
 @click.option("--soc", help="[qnn] Snapdragon SoC to compile for (see 'phi-export targets').")
 @click.option("--prefill-chunk", type=int, help="[qnn] Tokens per prefill step of the static graph.")
 @click.option("--compile/--no-compile", "compile_", default=None, help="[qnn] Ship compiled context binaries (default) or only the QDQ model.")
@@ -81,7 +82,7 @@ def _default_output(model: str | None, target: str, precision: str | None) -> st
 def export_cmd(model, target, output, precision, context_length, block_size, group_size, symmetric, accuracy_level,
                algorithm, lm_head, embeddings, int8_layers, ratio, backup_precision, awq, scale_estimation, gptq,
                calibration_text, soc, prefill_chunk, compile_, quant, revision, allow_pickle, trust_remote_code, force,
-               no_smoke_test, as_json):
+               no_smoke_test, as_json, fmt=None):
     """Export MODEL (a hub id, a local folder, or 'demo[:family]') for a device target.
 
     With no MODEL, microsoft/Phi-3.5-mini-instruct from the local Hugging Face cache or the hub.
@@ -98,12 +99,14 @@ def export_cmd(model, target, output, precision, context_length, block_size, gro
              "calibration_text": str(calibration_text) if calibration_text else None, "soc": soc,
              "prefill_chunk": prefill_chunk, "compile": compile_, "quant": quant}
     quant = {k: v for k, v in given.items() if v is not None}
-    profile = run_guarded(get_target, target)
-    output = output or Path(_default_output(model, profile.name, precision or profile.precision))
+    base = run_guarded(get_target, target)
+    profile = run_guarded(base.with_format, fmt)
+    name = base.name if profile is base else f"{base.name}-{profile.format}"  # e.g. Phi-3.5-mini-instruct-rpi5-gguf-int4
+    output = output or Path(_default_output(model, name, precision or profile.precision))
     steps = Steps(enabled=None if not as_json else False)
     report = run_guarded(run_export, model, target, output, precision=precision, context_length=context_length,
                          quant=quant, force=force, revision=revision, allow_pickle=allow_pickle,
-                         trust_remote_code=trust_remote_code, smoke_test=not no_smoke_test, steps=steps)
+                         trust_remote_code=trust_remote_code, smoke_test=not no_smoke_test, steps=steps, fmt=fmt)
     emit(report.__dict__, as_json, _print_export)
 
 
@@ -132,7 +135,8 @@ def targets_cmd(as_json):
              "precision": t.precision, "precisions": list(t.precisions), "ram_gb": t.ram_gb,
              "extra": f"phi-edge[{t.extra}]", "moe": "yes" if t.moe else "no", "moe_note": t.moe_note,
              "moe_precisions": list(t.moe_precisions),
-             "quantization": t.quantization, "runtime": t.runtime, "description": t.description}
+             "quantization": t.quantization, "runtime": t.runtime, "description": t.description,
+             "formats": {f: _alternative_row(t.with_format(f)) for f in t.formats[1:]}}
             for t in all_targets()]
     socs = [s.__dict__ for s in all_socs()]
     if as_json:
@@ -150,6 +154,9 @@ def targets_cmd(as_json):
         table.add_row(r["name"] + (f"\n[dim]{', '.join(r['aliases'])}[/]" if r["aliases"] else ""), r["format"],
                       r["device"], r["precision"], ", ".join(r["precisions"]), f"{r['ram_gb']:g} GB",
                       escape(r["extra"]), moe)
+        for f, a in r["formats"].items():  # the same device in another format: --format F
+            table.add_row(f"[dim]  --format {f}[/]", f, a["device"], a["precision"], ", ".join(a["precisions"]),
+                          f"{r['ram_gb']:g} GB", escape(a["extra"]), a["moe"])
     console = Console(width=max(Console().width, 120))
     console.print(table)
     notes = {r["moe_note"] for r in rows if r["moe"] == "no" and r["moe_note"]}
@@ -159,9 +166,16 @@ def targets_cmd(as_json):
                   + ", ".join(f"{s['key']} ({s['name']}, v{s['htp_arch']})" for s in socs) + "[/]")
 
 
+def _alternative_row(t) -> dict:
+    return {"device": t.device, "precision": t.precision, "precisions": list(t.precisions),
+            "extra": f"phi-edge[{t.extra}]", "moe": "yes" if t.moe else "no", "moe_note": t.moe_note,
+            "quantization": t.quantization, "runtime": t.runtime, "description": t.description}
+
+
 @main.command("plan")
 @click.argument("model", required=False)
 @click.option("-t", "--target", required=True, help="Device profile.")
+@click.option("-f", "--format", "fmt", help="Another format the target offers (e.g. gguf for rpi5).")
 @click.option("-p", "--precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]))
 @click.option("--int4", "precision", flag_value="int4")
 @click.option("--int8", "precision", flag_value="int8")
@@ -170,9 +184,11 @@ def targets_cmd(as_json):
 @click.option("--group-size", type=int)
 @click.option("--lm-head", type=click.Choice(["int4", "int8", "fp"]))
 @click.option("--embeddings", type=click.Choice(["fp", "int4", "int8"]))
+@click.option("--quant", help="[gguf] llama.cpp quantization mix, e.g. Q4_K_S.")
 @click.option("--revision")
 @click.option("--json", "as_json", is_flag=True)
-def plan_cmd(model, target, precision, context_length, block_size, group_size, lm_head, embeddings, revision, as_json):
+def plan_cmd(model, target, precision, context_length, block_size, group_size, lm_head, embeddings, revision, as_json,
+             fmt=None, quant=None):
     """Size, RAM and fit of MODEL on a target, from its config alone (no weights are loaded)."""
     from phi_edge.targets import get_target
 
@@ -183,11 +199,14 @@ def plan_cmd(model, target, precision, context_length, block_size, group_size, l
     from .plan import choose_context
 
     quant = {k: v for k, v in {"block_size": block_size, "group_size": group_size, "lm_head": lm_head,
-                               "embeddings": embeddings}.items() if v is not None}
+                               "embeddings": embeddings, "quant": quant}.items() if v is not None}
 
     def go():
-        t = get_target(target)
+        from .formats import ExportOptions, check_options, format_module
+
+        t = get_target(target, fmt)
         p = resolve_precision(t, precision)
+        check_options(format_module(t.format), ExportOptions(precision=p, quant=quant), t.name)
         source, config, tokenizer_bytes = read_config(model, revision=revision)
         ckpt = SimpleNamespace(source=source, config=config, family=family_of(config),
                                max_context=int(config.get("max_position_embeddings", 4096)),
@@ -220,6 +239,10 @@ def _print_plan(d: dict) -> None:
     click.echo(f"  runtime RAM       {human(d['runtime_bytes'])} of {human(d['device_ram_bytes'])} "
                f"-> {'fits' if d['fits'] else 'does NOT fit'}")
     click.echo(f"  Phi-3.5-MoE       {d['moe']}")
+    if d.get("export_peak_bytes"):
+        ok = d["export_peak_bytes"] <= d["workstation_ram_bytes"]
+        click.echo(f"  export RAM        {human(d['export_peak_bytes'])} of this machine's "
+                   f"{human(d['workstation_ram_bytes'])} ({d['export_route']}) -> {'fits' if ok else 'does NOT fit'}")
     if d.get("refused"):
         click.echo(f"error: {d['refused']}", err=True)
 
@@ -318,6 +341,8 @@ def _print_eval(r: dict) -> None:
                f"ratio {r['perplexity_ratio']:.4f})")
     click.echo(f"  mean KL         {r['mean_kl']:.6f} nats")
     click.echo(f"  top-1 agreement {r['top1_agreement'] * 100:.2f}%")
+    if r.get("logits"):
+        click.echo(f"  logits          {r['logits']}")
 
 
 @main.command("bench")
@@ -328,21 +353,34 @@ def _print_eval(r: dict) -> None:
 @click.option("--repeats", default=5, show_default=True)
 @click.option("--device", help="Override the manifests' device.")
 @click.option("--against", help="Also measure quality (perplexity ratio) against this checkpoint for the plot.")
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False), help="Local text for --against (default: eval's built-in text).")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), help="Draw the artifacts side by side into this PNG.")
 @click.option("--json", "as_json", is_flag=True)
-def bench_cmd(artifacts, prompt_tokens, gen_tokens, warmup, repeats, device, against, plot_file, as_json):
-    """Time to first token, prefill and decode tokens/s, load time and peak RSS of each ARTIFACT."""
+def bench_cmd(artifacts, prompt_tokens, gen_tokens, warmup, repeats, device, against, plot_file, as_json,
+              text_file=None):
+    """Time to first token, prefill and decode tokens/s, load time and peak RSS of each ARTIFACT.
+
+    With several artifacts (e.g. the rpi5 ONNX int4 and GGUF Q4_K_M exports of one checkpoint) a table puts
+    them side by side; --against adds the perplexity ratio ("n/a: why" where eval cannot score one)."""
     from phi_edge.runtimes.bench import bench, plot
 
     def go():
         results = []
+        reference = None
+        if against:
+            from .evaluate import open_scorer
+
+            reference = open_scorer(against)  # a bad --against is an error; an artifact eval cannot score is n/a
         for a in artifacts:
             r = bench(a, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, warmup=warmup, repeats=repeats,
                       device=device)
             if against:
                 from .evaluate import evaluate
 
-                r["quality"] = evaluate(a, against).to_dict()
+                try:
+                    r["quality"] = evaluate(a, against, text_file, reference=reference).to_dict()
+                except PhiEdgeError as e:
+                    r["quality"] = {"perplexity_ratio": None, "error": f"n/a: {e}"}
             results.append(r)
         if plot_file:
             plot(results, plot_file)
@@ -350,6 +388,10 @@ def bench_cmd(artifacts, prompt_tokens, gen_tokens, warmup, repeats, device, aga
 
     results = run_guarded(go)
     emit(results if len(results) > 1 else results[0], as_json, lambda _: [_print_bench(r) for r in results])
+    if len(results) > 1 and not as_json:
+        from phi_edge.runtimes.bench import format_table, side_by_side
+
+        click.echo("\nSide by side (medians):\n" + format_table(side_by_side(results)))
     if plot_file and not as_json:
         click.echo(f"plot written to {plot_file}")
 
@@ -368,7 +410,9 @@ def _print_bench(r: dict) -> None:
     click.echo(f"  decode            {s(r['decode_tokens_per_s'])} tokens/s")
     click.echo(f"  peak RSS          {human(r['peak_rss_bytes'])}")
     if "quality" in r:
-        click.echo(f"  perplexity ratio  {r['quality']['perplexity_ratio']:.4f}")
+        from phi_edge.runtimes.bench import quality_cell
+
+        click.echo(f"  perplexity ratio  {quality_cell(r)}")
 
 
 from .deploy.command import push_cmd  # noqa: E402

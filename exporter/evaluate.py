@@ -32,6 +32,9 @@ class EvalReport:
     perplexity_ratio: float
     mean_kl: float
     top1_agreement: float
+    # how the artifact's logits were computed where that is not simply its runtime's forward pass
+    # (e.g. GGUF: llama.cpp's hidden states times the stored output matrix in numpy); "" otherwise
+    logits: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,12 +48,21 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 def open_scorer(path: str):
     """An artifact folder (through phi_edge.runtimes) or a checkpoint (through transformers)."""
-    from phi_edge.runtimes.manifest import MANIFEST_NAME
+    from phi_edge.runtimes.manifest import MANIFEST_NAME, read_manifest
 
     if (Path(path) / MANIFEST_NAME).is_file():
         from phi_edge.runtimes import load
+        from phi_edge.runtimes.errors import BackendUnavailableError
 
-        return load(path)
+        try:
+            return load(path)
+        except BackendUnavailableError:
+            if read_manifest(path).format != "coreml":
+                raise
+            # no Core ML here: the package's stored weights, read back and dequantized, computing in torch
+            from .formats.coreml.readback import stored_weights_runtime
+
+            return stored_weights_runtime(Path(path))
     from .progress import tool_output_to_log
     from .reference import load_reference
 
@@ -111,4 +123,5 @@ def evaluate(artifact: str, against: str, text_file: str | None = None, window: 
     return EvalReport(artifact=str(artifact), reference=str(against), text=str(path), tokens_scored=len(nll),
                       windows=len(spans), window=window, stride=stride, perplexity=round(ppl, 4),
                       reference_perplexity=round(ref_ppl, 4), perplexity_ratio=round(ppl / ref_ppl, 6),
-                      mean_kl=round(max(float(np.mean(kls)), 0.0), 8), top1_agreement=round(float(np.mean(agree)), 6))
+                      mean_kl=round(max(float(np.mean(kls)), 0.0), 8), top1_agreement=round(float(np.mean(agree)), 6),
+                      logits=str(getattr(ours, "logits_note", "") or ""))

@@ -61,9 +61,10 @@ def check_moe(ckpt, target, precision: str) -> None:
 def run_export(model: str | None, target_name: str, output: str | Path, precision: str | None = None,
                context_length: int = 0, quant: dict[str, Any] | None = None, force: bool = False,
                revision: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
-               smoke_test: bool = True, steps: Steps | None = None) -> ExportReport:
+               smoke_test: bool = True, steps: Steps | None = None, fmt: str | None = None) -> ExportReport:
+    """``fmt``: another format the target offers (``--format``, e.g. gguf for rpi5); None: its default."""
     steps = steps or Steps(enabled=False)
-    target = get_target(target_name)
+    target = get_target(target_name, fmt)
     precision = resolve_precision(target, precision)
     module = format_module(target.format)
     opts = ExportOptions(precision=precision, context_length=context_length, quant=dict(quant or {}), force=force)
@@ -98,6 +99,8 @@ def _export(model, target, module, opts, out, revision, allow_pickle, trust_remo
     context = opts.context_length = plan.context_length
     if not plan.fits and not opts.force:
         raise PhiEdgeError(plan.refusal())
+    if not plan.export_fits and not opts.force:
+        raise PhiEdgeError(plan.export_refusal())
     module.check(ckpt, target, opts)
 
     notes: list[str] = [plan.context_note] if not opts_context_given else []

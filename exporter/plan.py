@@ -27,6 +27,18 @@ class Plan:
     kv_cache_dtype_bytes: int = 4
     kv_allocation: str = ""  # how the backend allocates the KV cache
     context_note: str = ""  # how the context was chosen
+    export_peak_bytes: int | None = None  # the export's own peak RAM on this workstation (None: not modelled)
+    export_route: str = ""  # how the export will run, which the estimate is for
+    workstation_ram_bytes: int = 0  # this machine's physical memory
+
+    @property
+    def export_fits(self) -> bool:
+        return self.export_peak_bytes is None or self.export_peak_bytes <= self.workstation_ram_bytes
+
+    def export_refusal(self) -> str:
+        return (f"this export needs about {human(self.export_peak_bytes)} of RAM on this workstation "
+                f"({self.export_route}) but it has {human(self.workstation_ram_bytes)}; export on a machine with "
+                f"more memory (or --force to try anyway)")
 
     def runtime_bytes_for(self, weights: int) -> int:
         return runtime_bytes(weights, self.kv_cache_bytes)
@@ -69,6 +81,21 @@ def default_estimate(config: dict[str, Any], precision: str, quant: dict[str, An
     return q(c.linear) + lm_bytes + emb_bytes + c.other * float_bytes
 
 
+def workstation_ram_bytes() -> int:
+    """Physical memory of this machine (what an export can use at most)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): psutil, else unknown (never refuse)
+        try:
+            import psutil
+
+            return int(psutil.virtual_memory().total)
+        except ImportError:
+            return 1 << 62
+
+
 MIN_DEFAULT_CONTEXT = 2048  # a default context below this is not useful: refuse instead
 
 # how each format's engine allocates its KV cache
@@ -77,6 +104,8 @@ KV_ALLOCATION = {
     "openvino": "grows as the conversation does",
     "mlx": "grows as the conversation does (in steps of 256 tokens)",
     "qnn": "preallocated at load: the static window",
+    "gguf": "preallocated at load: the whole context (llama.cpp's default f16 cache)",
+    "coreml": "preallocated at load: the Core ML state holds the whole context (fp16)",
 }
 
 
@@ -84,7 +113,7 @@ def kv_dtype_bytes(target, precision: str) -> int:
     """Bytes per KV cache element as each backend really stores it: ONNX Runtime GenAI in the model's
     io type (fp16 on CUDA and for fp16 models, else fp32); OpenVINO on the CPU as u8 (its default KV
     cache precision) except fp32 artifacts, which carry f32, and fp16 on GPU/NPU; MLX in the
-    activations' type (fp32 for fp32 artifacts, else fp16); QNN in fp16 on the HTP."""
+    activations' type (fp32 for fp32 artifacts, else fp16); QNN in fp16 on the HTP; llama.cpp (gguf) in f16; Core ML's state in fp16."""
     fmt = target.format
     if fmt == "openvino":
         if str(target.device).upper() == "CPU":
@@ -92,7 +121,7 @@ def kv_dtype_bytes(target, precision: str) -> int:
         return 2
     if fmt == "mlx":
         return 4 if precision == "fp32" else 2
-    if fmt == "qnn":
+    if fmt in ("qnn", "gguf", "coreml"):  # llama.cpp: type_k / type_v f16 unless set otherwise
         return 2
     return 2 if target.device == "cuda" or precision == "fp16" else 4
 
@@ -114,10 +143,13 @@ def make_plan(config: dict[str, Any], target, precision: str, context: int, quan
     if config.get("model_type") == "phimoe" or (config.get("architectures") or [""])[0] in ("PhiMoEForCausalLM",
                                                                                             "PhimoeForCausalLM"):
         moe = "yes" if target.moe else f"no: {target.moe_note}"
+    peak, route = (module.export_memory(config, precision, q, target, size) if hasattr(module, "export_memory")
+                   else (None, "not modelled for this format"))
     return Plan(target=target.name, format=target.format, precision=precision, context_length=context,
                 parameters=param_counts(config).total, artifact_bytes=size, kv_cache_bytes=kv,
                 runtime_bytes=need, device_ram_bytes=target.ram_bytes, fits=need <= target.ram_bytes, moe=moe,
-                kv_cache_dtype_bytes=kv_bytes, kv_allocation=KV_ALLOCATION.get(target.format, ""))
+                kv_cache_dtype_bytes=kv_bytes, kv_allocation=KV_ALLOCATION.get(target.format, ""),
+                export_peak_bytes=peak, export_route=route, workstation_ram_bytes=workstation_ram_bytes())
 
 
 def choose_context(config: dict[str, Any], target, precision: str, requested: int = 0,

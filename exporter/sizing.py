@@ -19,10 +19,11 @@ class ParamCounts:
     lm_head: int  # 0 when tied to the embeddings
     linear: int  # every projection inside the decoder layers (quantizable)
     other: int  # norms, biases, routers
+    vision: int = 0  # Phi-4-multimodal's image encoder and projection (exported at fp32)
 
     @property
     def total(self) -> int:
-        return self.embeddings + self.lm_head + self.linear + self.other
+        return self.embeddings + self.lm_head + self.linear + self.other + self.vision
 
 
 def head_dim(config: dict[str, Any]) -> int:
@@ -48,7 +49,23 @@ def param_counts(config: dict[str, Any]) -> ParamCounts:
     tied = bool(config.get("tie_word_embeddings"))
     lm_head = 0 if tied else vocab * h + (vocab if config.get("lm_head_bias") else 0)
     return ParamCounts(embeddings=vocab * h, lm_head=lm_head, linear=layers * (attn + mlp),
-                       other=layers * other_per_layer + h * (2 if experts else 1))
+                       other=layers * other_per_layer + h * (2 if experts else 1), vision=vision_params(config))
+
+
+def vision_params(config: dict[str, Any]) -> int:
+    """Parameters of the exported image path: SigLIP up to its feature layer, the projection, the
+    newline/separator rows (0 for text-only configs)."""
+    v = config.get("vision_config")
+    if not isinstance(v, dict):
+        return 0
+    hv, iv, h = v.get("hidden_size", 1152), v.get("intermediate_size", 4304), config["hidden_size"]
+    layers = v.get("num_hidden_layers", 27)
+    feature = v.get("feature_layer", -2)
+    layers = layers + 1 + feature if feature < 0 else feature
+    patch, side = v.get("patch_size", 14), v.get("image_size", 448) // v.get("patch_size", 14)
+    per_layer = 4 * (hv * hv + hv) + 2 * hv * iv + iv + hv + 4 * hv
+    return (3 * patch * patch * hv + hv + side * side * hv + layers * per_layer
+            + hv * h + h + h * h + h + 2 * hv)
 
 
 def quantized_bytes(n: int, bits: int, block: int, float_bytes: int, asym: bool) -> int:

@@ -96,6 +96,7 @@ def compare(rt, against: str, prompt: str, max_new_tokens: int, min_cosine: floa
         "logit_cosine_min": round(float(np.min(cos)), 6),
         "positions": n,
         "logits_on": getattr(rt, "logits_device", rt.device),
+        "logits_note": str(getattr(rt, "logits_note", "") or ""),
         "thresholds": thresholds,
     }
     out["failures"] = failures(out, thresholds)

@@ -35,6 +35,7 @@ BACKENDS = {
     "mlx": ("phi_edge.runtimes.mlx", "mlx"),
     "qnn": ("phi_edge.runtimes.qnn", "qnn"),
     "gguf": ("phi_edge.runtimes.gguf", "gguf"),
+    "coreml": ("phi_edge.runtimes.coreml", "coreml"),
 }
 
 

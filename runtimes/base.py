@@ -171,9 +171,11 @@ class Runtime:
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                  repetition_penalty: float | None = None, stop: Sequence[str] | None = None,
-                 seed: int | None = None) -> GenerationResult:
-        """Generate a completion of ``prompt`` (text, or token ids) and return it whole."""
-        result = self._start(prompt)
+                 seed: int | None = None, images: Sequence[Any] | None = None) -> GenerationResult:
+        """Generate a completion of ``prompt`` (text, or token ids) and return it whole. ``images``
+        (paths, bytes, PIL images or numpy arrays) go to vision artifacts; ``<|image_1|>``... tags in
+        the prompt place them, else they come first."""
+        result = self._start_images(prompt, images) if images else self._start(prompt)
         params = self.params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)
         for _ in self._run(result, params, stop or ()):
@@ -183,16 +185,26 @@ class Runtime:
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                repetition_penalty: float | None = None, stop: Sequence[str] | None = None,
-               seed: int | None = None, result: GenerationResult | None = None) -> Iterator[str]:
+               seed: int | None = None, result: GenerationResult | None = None,
+               images: Sequence[Any] | None = None) -> Iterator[str]:
         """Yield text pieces as they decode. Pass ``result=GenerationResult(...)`` via
         :meth:`new_result` to read token ids, finish reason and timings afterwards."""
-        result = self._start(prompt, result)
+        result = self._start_images(prompt, images, result) if images else self._start(prompt, result)
         params = self.params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)
         yield from self._run(result, params, stop or ())
 
     def chat(self, messages: list[dict[str, Any]], stream: bool = False, **kwargs: Any):
-        """Apply the artifact's chat template to ``messages`` and generate the assistant's reply."""
+        """Apply the artifact's chat template to ``messages`` and generate the assistant's reply.
+        Content may be a list of OpenAI-shaped parts: text and ``image_url`` (data: URLs or paths)."""
+        if any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in messages):
+            from .images import split_chat_images
+
+            messages, images = split_chat_images(messages)
+            if images:
+                prompt = self.chat_prompt(messages)
+                return self.stream(prompt, images=images, **kwargs) if stream else self.generate(
+                    prompt, images=images, **kwargs)
         ids = self.chat_ids(messages)
         return self.stream(ids, **kwargs) if stream else self.generate(ids, **kwargs)
 
@@ -211,6 +223,20 @@ class Runtime:
     @staticmethod
     def new_result() -> GenerationResult:
         return GenerationResult(text="", token_ids=[], prompt_token_ids=[], finish_reason="")
+
+    def _prepare_images(self, prompt: str, images: list[Any]) -> list[int]:
+        """Vision backends: take the images, return the prompt's ids (image tokens expanded)."""
+        raise PhiEdgeError(f"this {self.format} artifact is text-only and takes no images; export "
+                           f"Phi-4-multimodal for an onnx-genai target to prompt with images")
+
+    def _start_images(self, prompt: str | Sequence[int], images: Sequence[Any],
+                      result: GenerationResult | None = None) -> GenerationResult:
+        if not isinstance(prompt, str):
+            raise PhiEdgeError("with images, pass the prompt as text (the image tokens are placed while encoding)")
+        ids = self._prepare_images(prompt, list(images))
+        result = result or self.new_result()
+        result.prompt_token_ids = ids
+        return result
 
     # ---- the one generation loop --------------------------------------------------------------
     def _start(self, prompt: str | Sequence[int], result: GenerationResult | None = None) -> GenerationResult:

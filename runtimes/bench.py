@@ -23,19 +23,21 @@ def _stats(xs: list[float]) -> dict[str, float]:
             "stdev": round(statistics.stdev(xs), 4) if len(xs) > 1 else 0.0}
 
 
-def _prompt_ids(rt, n: int) -> list[int]:
-    words, ids = list(PROMPT_WORDS), []
+def _prompt_ids(rt, n: int, run: int = 0) -> list[int]:
+    """``n`` tokens of the bench text begun at its ``run``-th word: each run its own prompt, so no engine
+    serves a repeat from a prompt cache (llama.cpp keeps the last prompt's KV cache and skips its prefill)."""
+    k = run % len(PROMPT_WORDS)
+    base = PROMPT_WORDS[k:] + PROMPT_WORDS[:k]
+    words, ids = list(base), []
     while len(ids) < n:
         ids = rt.encode(" ".join(words))
-        words += PROMPT_WORDS
+        words += base
     return ids[:n]
 
 
 def measure(artifact: str, prompt_tokens: int = 128, gen_tokens: int = 64, warmup: int = 1, repeats: int = 5,
             device: str | None = None) -> dict[str, Any]:
     """Measure in this process (``bench`` runs it in a child process per artifact)."""
-    import resource
-
     from . import load
 
     rt = load(artifact, device=device)
@@ -45,21 +47,40 @@ def measure(artifact: str, prompt_tokens: int = 128, gen_tokens: int = 64, warmu
         raise PhiEdgeError(f"--prompt-tokens + --gen-tokens ({prompt_tokens + gen_tokens}) must be below the "
                            f"artifact's context ({rt.context_length})")
     rt.stop_token_ids = frozenset()  # always generate gen_tokens, so every run does the same work
-    ids = _prompt_ids(rt, prompt_tokens)
-    for _ in range(warmup):
+    prompts = [_prompt_ids(rt, prompt_tokens, run) for run in range(warmup + repeats)]
+    for ids in prompts[:warmup]:
         rt.generate(ids, max_new_tokens=gen_tokens)
-    runs = [rt.generate(ids, max_new_tokens=gen_tokens).timings for _ in range(repeats)]
+    runs = [rt.generate(ids, max_new_tokens=gen_tokens).timings for ids in prompts[warmup:]]
+    ids = prompts[-1]
     m = rt.manifest
     return {
         "artifact": str(artifact), "format": m.format, "target": m.target, "precision": m.precision,
         "device": rt.device, "size_bytes": m.total_bytes, "prompt_tokens": len(ids), "gen_tokens": gen_tokens,
+        "scheme": m.quantization.get("scheme"),  # e.g. GGUF's Q4_K_M; None where the format names none
+        # fewest tokens a run generated: below gen_tokens where the engine itself stopped at an end token
+        "generated_tokens_min": min(t.generated_tokens for t in runs),
         "warmup": warmup, "repeats": repeats, "load_s": round(rt.load_s, 4),
         "time_to_first_token_s": _stats([t.time_to_first_token_s for t in runs]),
         "prefill_tokens_per_s": _stats([t.prefill_tokens_per_s for t in runs]),
         "decode_tokens_per_s": _stats([t.decode_tokens_per_s for t in runs]),
-        # ru_maxrss is KiB on Linux, bytes on macOS
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024),
+        "peak_rss_bytes": peak_rss_bytes(),
     }
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak RSS. On Linux VmHWM of /proc/self/status: getrusage's ru_maxrss survives
+    exec and so starts at the parent's RSS when it spawned us (``bench`` runs from ``phi-export``, which
+    may hold a reference model by then). Elsewhere ru_maxrss (KiB on Linux, bytes on macOS)."""
+    import resource
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def bench(artifact: str, **kwargs: Any) -> dict[str, Any]:
@@ -75,6 +96,33 @@ def bench(artifact: str, **kwargs: Any) -> dict[str, Any]:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def quality_cell(r: dict[str, Any]) -> str:
+    """The perplexity ratio as printed: a number, "n/a: <reason>" where it could not be measured, or "" when
+    no reference was given."""
+    q = r.get("quality")
+    if not q:
+        return ""
+    return f"{q['perplexity_ratio']:.4f}" if q.get("perplexity_ratio") is not None else q.get("error", "n/a")
+
+
+def side_by_side(results: list[dict[str, Any]]) -> list[list[str]]:
+    """Rows of a table with one column per artifact: what each measured, medians, for choosing a variant."""
+    rows = [["", *(f"{r['target']} {r['format']} {r.get('scheme') or r['precision']}" for r in results)],
+            ["size on disk", *(f"{r['size_bytes'] / 2**20:.1f} MiB" for r in results)],
+            ["decode tokens/s", *(f"{r['decode_tokens_per_s']['median']:.1f}" for r in results)],
+            ["first token", *(f"{r['time_to_first_token_s']['median'] * 1000:.1f} ms" for r in results)],
+            ["prefill tokens/s", *(f"{r['prefill_tokens_per_s']['median']:.1f}" for r in results)],
+            ["peak RSS", *(f"{r['peak_rss_bytes'] / 2**20:.1f} MiB" for r in results)]]
+    if any("quality" in r for r in results):
+        rows.append(["perplexity ratio", *(quality_cell(r) for r in results)])
+    return rows
+
+
+def format_table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
 def plot(results: list[dict[str, Any]], path: str | Path) -> Path:
     """Size, speed and (when measured) quality of several artifacts side by side."""
     import matplotlib
@@ -88,7 +136,8 @@ def plot(results: list[dict[str, Any]], path: str | Path) -> Path:
               ("time to first token (ms)", [r["time_to_first_token_s"]["median"] * 1000 for r in results]),
               ("peak RSS (MiB)", [r["peak_rss_bytes"] / 2**20 for r in results])]
     if all("quality" in r for r in results):
-        panels.append(("perplexity ratio vs reference", [r["quality"]["perplexity_ratio"] for r in results]))
+        panels.append(("perplexity ratio vs reference",
+                       [r["quality"].get("perplexity_ratio") or float("nan") for r in results]))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (title, values) in zip(axes, panels):

@@ -35,6 +35,7 @@ def main():
     \b
       phi-run OUT "Why is the sky blue?"          # stream a completion (phi-run run OUT ...)
       phi-run OUT --chat                          # interactive chat
+      phi-run OUT --image photo.jpg "What is in this picture?"   # vision artifacts
       phi-run serve OUT --port 8000               # OpenAI-compatible server on 127.0.0.1
       phi-run https://HOST/v1 --model NAME "Hi"   # an OpenAI-compatible endpoint instead of a folder
     """
@@ -53,6 +54,8 @@ def main():
 @click.option("--repetition-penalty", type=float)
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
 @click.option("--seed", type=int, help="Seed for sampling.")
+@click.option("--image", "images", multiple=True, type=click.Path(),
+              help="An image for the prompt (vision artifacts: Phi-4-multimodal on onnx-genai).")
 @click.option("--device", help="Override the manifest's device (e.g. cpu, CPU, GPU, NPU).")
 @click.option("--verify", "verify_only", is_flag=True, help="Check every file's sha256, load, and generate a few tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON result instead of streaming text.")
@@ -62,7 +65,7 @@ def main():
 @click.option("--api-key", envvar="PHI_EDGE_API_KEY", help="[endpoint] Key (default: the provider's variable, "
               "or PHI_EDGE_API_KEY).")
 def run(artifact, prompt, chat, system, template, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-        stop, seed, device, verify_only, as_json, model, provider, api_key):
+        stop, seed, images, device, verify_only, as_json, model, provider, api_key):
     """Run an exported Phi artifact (or an endpoint): phi-run ARTIFACT "prompt"."""
     from . import load
     from .remote import PROVIDERS
@@ -80,6 +83,12 @@ def run(artifact, prompt, chat, system, template, max_new_tokens, temperature, t
             if rt.manifest is None:
                 _fail("--verify checks an artifact folder; an endpoint has none", 2)
             return _verify(rt, as_json)
+        if images:
+            if rt.manifest is None:
+                _fail("--image works with an exported artifact folder, not an endpoint", 2)
+            if chat:
+                _fail("--image goes with a PROMPT, not --chat", 2)
+            sampling["images"] = list(images)
         if chat:
             return _chat(rt, system, sampling)
         if prompt is None:
@@ -87,6 +96,10 @@ def run(artifact, prompt, chat, system, template, max_new_tokens, temperature, t
                 _fail("pass a PROMPT, or --chat for an interactive chat", 2)
             prompt = sys.stdin.read()
         if template:
+            if images:
+                from .images import with_image_tags
+
+                prompt = with_image_tags(prompt, len(images))
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
             prompt = rt.chat_prompt(messages)
         if as_json:

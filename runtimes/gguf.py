@@ -15,10 +15,19 @@ the current sequence length. A LongRoPE artifact therefore runs a context of the
 transformers: the one after a sequence of exactly the original length (transformers: short factors),
 because llama.cpp's server stops one token before its context is full.
 
-Not available: ``logits()``. The binding's API returns log-probabilities of sampled positions only,
-never the raw logits of the prompt positions.
+``logits()`` (for ``phi-export eval`` and ``verify``): llama.cpp's completion API returns log-probabilities
+of generated positions only (all of the vocabulary with ``n_probs`` = vocabulary size, but about half a
+second of JSON per position, and none for prompt positions). So a second llama.cpp context in embedding
+mode (pooling none) returns the final-norm hidden state of every position of the sequence in one pass
+(xllamacpp's in-process server on 127.0.0.1, its non-OpenAI ``/embedding`` route), and the logits are
+those states times the GGUF's own output matrix (``token_embd`` when tied; plus ``output.bias`` where
+there is one), found with :mod:`.gguf_tensors` and dequantized with the ``gguf``
+package and dequantized to float32 in numpy. Everything up to the last matmul is llama.cpp's; that
+matmul is numpy's in float32, where llama.cpp's own quantizes the activations to 8 bits for a quantized
+output matrix. ``gguf`` is a workstation package (the exporter's): it is not in the device extra, and
+``logits()`` says so when it is missing.
 
-Imports xllamacpp, numpy and tokenizers only.
+Imports xllamacpp, numpy and tokenizers only (and ``gguf`` in ``logits()``).
 """
 
 from __future__ import annotations
@@ -58,6 +67,8 @@ class GgufRuntime(Runtime):
         if self._original >= self.context_length:
             self._original = 0  # the whole context fits the original window: short factors throughout
         self._servers: dict[int, object] = {}
+        self._embedders: dict[tuple[int, int], object] = {}
+        self._output: tuple | None = None
         self._server(self._original or self.context_length)  # load now: a broken file fails here
         self._tokenizer = tokenizers.Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
 
@@ -162,9 +173,85 @@ class GgufRuntime(Runtime):
             if made < steps:  # llama.cpp stopped (an end-of-generation token it knows)
                 return
 
+    logits_note = ("llama.cpp's final-norm hidden states (xllamacpp, embedding mode) times the GGUF's output "
+                   "matrix dequantized to float32 by the gguf package")
+
     def logits(self, ids: Sequence[int]) -> np.ndarray:
-        raise PhiEdgeError("the gguf runtime cannot return logits: xllamacpp's API gives log-probabilities of "
-                           "sampled tokens only; compare GGUF artifacts by greedy tokens and text")
+        """Next-token logits at every position of ``ids``, shape ``(len(ids), vocab)`` (see the module
+        docstring: llama.cpp's hidden states, the stored output matrix applied in numpy)."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise PhiEdgeError("logits() needs at least one token")
+        long = bool(self._original) and len(ids) > self._original  # transformers' rule for LongRoPE
+        n_ctx = self.context_length if (long or not self._original) else self._original
+        if len(ids) > n_ctx:
+            raise PhiEdgeError(f"{len(ids)} tokens do not fit the artifact's context of {self.context_length}")
+        batch = min(n_ctx, max(512, 1 << (len(ids) - 1).bit_length()))
+        states = self._hidden_states(n_ctx, batch, ids)
+        matrix, bias = self._output_matrix()
+        logits = states @ matrix.T
+        return logits + bias if bias is not None else logits
+
+    def _hidden_states(self, n_ctx: int, batch: int, ids: list[int]) -> np.ndarray:
+        import json
+        import urllib.error
+        import urllib.request
+
+        key = (n_ctx, batch)
+        if key not in self._embedders:
+            x = self._x
+            p = x.CommonParams()
+            p.model.path = str(self._path)
+            p.n_ctx = n_ctx
+            p.n_batch = p.n_ubatch = batch  # embedding mode takes the whole sequence in one batch
+            p.n_parallel = 1
+            p.warmup = False
+            p.verbosity = -1
+            p.embedding = True
+            p.pooling_type = x.llama_pooling_type.LLAMA_POOLING_TYPE_NONE
+            p.embd_normalize = -1  # the states as they are, not scaled
+            p.hostnames = ["127.0.0.1"]
+            p.port = 0  # any free local port
+            try:
+                self._embedders[key] = x.Server(p)
+            except Exception as e:
+                raise PhiEdgeError(f"llama.cpp could not load {self._path} for logits: {e}") from None
+        url = self._embedders[key].listening_address.rstrip("/") + "/embedding"
+        req = urllib.request.Request(url, data=json.dumps({"content": ids}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=600) as r:
+                answer = json.loads(r.read())
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise PhiEdgeError(f"llama.cpp's embedding pass for logits failed: {e}") from None
+        states = np.asarray(answer[0]["embedding"], dtype=np.float32)
+        if states.shape[0] != len(ids):
+            raise PhiEdgeError(f"llama.cpp returned {states.shape[0]} hidden states for {len(ids)} tokens")
+        return states
+
+    def _output_matrix(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The GGUF's output matrix (``token_embd`` when tied) dequantized to float32, and its bias
+        (Phi-3.5-MoE has one), read once."""
+        if self._output is None:
+            try:
+                from gguf import quants
+            except ImportError:
+                raise PhiEdgeError("logits() of a gguf artifact reads its output matrix with the gguf package, a "
+                                   "workstation package: pip install gguf (phi-export eval / verify need it)") from None
+            from gguf import GGMLQuantizationType
+
+            from .gguf_tensors import read_tensors
+
+            found = read_tensors(self._path, {"output.weight", "token_embd.weight", "output.bias"})
+
+            def dequantized(name: str) -> np.ndarray:
+                kind, shape, raw = found[name]
+                return quants.dequantize(raw, GGMLQuantizationType(kind)).reshape(shape).astype(np.float32)
+
+            matrix = dequantized("output.weight" if "output.weight" in found else "token_embd.weight")
+            bias = dequantized("output.bias") if "output.bias" in found else None
+            self._output = matrix, bias
+        return self._output
 
 
 def open_artifact(folder: Path, manifest: Manifest, device: str | None = None) -> GgufRuntime:

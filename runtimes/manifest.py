@@ -17,7 +17,7 @@ from .errors import ManifestError
 
 MANIFEST_NAME = "phi-edge.json"
 SCHEMA_VERSION = 2  # 2: the tokenizer section says exactly which ids encode() adds (prefix_ids, suffix_ids)
-FORMATS = ("onnx-genai", "openvino", "mlx", "qnn", "gguf")
+FORMATS = ("onnx-genai", "openvino", "mlx", "qnn", "gguf", "coreml")
 
 
 @dataclass

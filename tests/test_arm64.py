@@ -1,5 +1,5 @@
-"""The Raspberry Pi 5 artifact, exported here on x86, runs on arm64: Debian's aarch64 Python under
-user-mode QEMU (Cortex-A76) with the aarch64 wheels of phi-edge[onnx] (tests/device/arm64.py)."""
+"""The Raspberry Pi 5 artifacts, exported here on x86, run on arm64: Debian's aarch64 Python under
+user-mode QEMU (Cortex-A76) with the aarch64 wheels of phi-edge[onnx] or phi-edge[gguf] (tests/device/arm64.py)."""
 
 from __future__ import annotations
 
@@ -81,3 +81,42 @@ def test_logits_and_greedy_tokens_match_x86(arm64, artifacts, tmp_path):
     r = json.loads(arm64.phi_run(str(art0), PROMPT, "--json", "-n", "24").stdout)
     assert r["token_ids"] == x86_0.generate(PROMPT, max_new_tokens=24).token_ids
     assert len(r["token_ids"]) == 24
+
+
+@pytest.fixture(scope="module")
+def arm64_gguf():
+    try:
+        return harness.build(extra="gguf")
+    except harness.HarnessUnavailable as e:
+        unavailable(f"arm64 harness: {e}")
+
+
+@pytest.fixture(scope="module")
+def rpi5_gguf(tmp_path_factory):
+    """``--target rpi5 --format gguf --int4`` (Q4_K_M) of the trained fixture: its greedy choices have
+    real margins (on the random-weight fixtures llama.cpp's x86 and arm 4-bit kernels flip near-ties)."""
+    pytest.importorskip("gguf")
+    from phi_edge.exporter.export import run_export
+    from phi_edge.exporter.fixtures.trained import trained_checkpoint
+
+    out = tmp_path_factory.mktemp("arm64-gguf") / "rpi5-gguf-int4"
+    run_export(str(trained_checkpoint()), "rpi5", out, precision="int4", fmt="gguf", smoke_test=False)
+    return out
+
+
+def test_phi_run_gguf_on_arm64_equals_x86(arm64_gguf, rpi5_gguf):
+    """phi-run on the rpi5 GGUF artifact under qemu-aarch64 (llama.cpp from xllamacpp's aarch64 wheel)
+    gives the x86 run's greedy tokens and text."""
+    from click.testing import CliRunner
+
+    from phi_edge.runtimes.cli import main as phi_run
+
+    m = json.loads((rpi5_gguf / "phi-edge.json").read_text())
+    assert (m["target"], m["format"], m["quantization"]["scheme"]) == ("rpi5", "gguf", "Q4_K_M")
+    args = [str(rpi5_gguf), "    if not isinstance(", "--json", "-n", "16"]
+    arm = json.loads(arm64_gguf.phi_run(*args).stdout)
+    x86 = CliRunner().invoke(phi_run, args)
+    assert x86.exit_code == 0, x86.output
+    x86 = json.loads(x86.stdout)
+    assert arm["token_ids"] == x86["token_ids"] and arm["text"] == x86["text"], (arm["text"], x86["text"])
+    assert len(arm["token_ids"]) == 16 and arm["device"] == "cpu" and arm["prompt_tokens"] == x86["prompt_tokens"]

@@ -29,6 +29,7 @@ FORMAT_MODULES = {
     "mlx": "phi_edge.exporter.formats.mlx",
     "qnn": "phi_edge.exporter.formats.qnn",
     "gguf": "phi_edge.exporter.formats.gguf",
+    "coreml": "phi_edge.exporter.formats.coreml",
 }
 
 # every quantization option the CLI knows, with the flag that sets it (for error messages)

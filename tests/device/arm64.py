@@ -1,11 +1,12 @@
 """An arm64 device on this x86 machine: Debian bookworm's aarch64 userland run by user-mode QEMU
 (no binfmt, no chroot), with the aarch64 wheels of a phi-edge extra and phi-edge itself.
 
-    python tests/device/arm64.py build                  # sysroot + [onnx] wheels, cached
-    python tests/device/arm64.py phi-run ARTIFACT "Hi"  # phi-run on the arm64 Python
-    python tests/device/arm64.py python -c "..."        # the arm64 Python itself
+    python tests/device/arm64.py build [--extra gguf]                  # sysroot + [onnx] (or [gguf]) wheels, cached
+    python tests/device/arm64.py phi-run [--extra gguf] ARTIFACT "Hi"  # phi-run on the arm64 Python
+    python tests/device/arm64.py python [--extra gguf] -c "..."        # the arm64 Python itself
 
-The sysroot is debootstrap's download of ``minbase`` + python3.11, unpacked with ``dpkg-deb -x``
+The sysroot is debootstrap's download of ``minbase`` + python3.11 + libgomp1 (llama.cpp's OpenMP runtime,
+which the aarch64 xllamacpp wheel of phi-edge[gguf] links from the system), unpacked with ``dpkg-deb -x``
 (no second stage: nothing is configured or run as root). The wheels are pip's aarch64 builds,
 installed with ``--target``. ``qemu-aarch64-static -L SYSROOT`` serves the sysroot's files for
 absolute paths, including a ``/proc/cpuinfo`` that describes a Raspberry Pi 5's Cortex-A76 (ONNX
@@ -30,6 +31,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 SUITE = "bookworm"
 PYTHON = "python3.11"
+# Debian packages beyond minbase: the Python, and libgomp1 (libgomp.so.1, which xllamacpp's wheels link
+# from the system: Raspberry Pi OS and Debian with gcc have it; a minimal image needs apt install libgomp1)
+PACKAGES = (PYTHON, "libgomp1")
 GLIBC_MINOR = 36  # bookworm's glibc is 2.36: every manylinux_2_x wheel up to it runs
 PLATFORMS = ["manylinux2014_aarch64"] + [f"manylinux_2_{m}_aarch64" for m in range(GLIBC_MINOR, 16, -1)]
 QEMU_CPU = "cortex-a76"
@@ -94,13 +98,14 @@ def _run(cmd: list[str], what: str, **kw) -> subprocess.CompletedProcess:
 
 def build_sysroot(cache: Path) -> Path:
     sysroot = cache / "sysroot"
-    if (sysroot / ".complete").is_file():
+    marker = sysroot / ".complete"
+    if marker.is_file() and f"packages: {' '.join(PACKAGES)}" in marker.read_text().splitlines():
         return sysroot
     debootstrap = _tool("debootstrap", "debootstrap")
     dpkg_deb = _tool("dpkg-deb", "dpkg")
     mirror = debian_mirror()
     debs = cache / "debootstrap"
-    _run([debootstrap, "--arch=arm64", "--variant=minbase", f"--include={PYTHON}", "--download-only", SUITE,
+    _run([debootstrap, "--arch=arm64", "--variant=minbase", f"--include={','.join(PACKAGES)}", "--download-only", SUITE,
           str(debs), mirror], f"debootstrap --download-only from {mirror}", timeout=1200)
     partial = cache / "sysroot.partial"
     shutil.rmtree(partial, ignore_errors=True)
@@ -112,9 +117,13 @@ def build_sysroot(cache: Path) -> Path:
         _run([dpkg_deb, "-x", str(deb), str(partial)], f"dpkg-deb -x {deb.name}")
     (partial / "proc").mkdir(exist_ok=True)
     (partial / "proc" / "cpuinfo").write_text("\n".join(CPUINFO.format(n=n) for n in range(4)))
-    (partial / ".complete").write_text(f"{SUITE} arm64 from {mirror}\n")
-    shutil.rmtree(sysroot, ignore_errors=True)
+    (partial / ".complete").write_text(f"{SUITE} arm64 from {mirror}\npackages: {' '.join(PACKAGES)}\n")
+    old = cache / "sysroot.old"  # swapped, then removed: a cached sysroot is never half gone
+    shutil.rmtree(old, ignore_errors=True)
+    if sysroot.exists():
+        sysroot.rename(old)
     partial.rename(sysroot)
+    shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(debs, ignore_errors=True)
     return sysroot
 
@@ -198,6 +207,9 @@ class Arm64:
         return self.python("-m", "phi_edge.runtimes.cli", *args, **kw)
 
 
+_INSTALLED: dict[Path, Path] = {}
+
+
 def build(cache: Path | None = None, extra: str = "onnx") -> Arm64:
     """Build (or reuse) the sysroot and the extra's wheels, reinstall phi-edge, return the runner."""
     if platform.system() != "Linux":
@@ -207,7 +219,9 @@ def build(cache: Path | None = None, extra: str = "onnx") -> Arm64:
     cache.mkdir(parents=True, exist_ok=True)
     sysroot = build_sysroot(cache)
     site = install_wheels(cache, extra)
-    own = install_phi_edge(cache)
+    if cache not in _INSTALLED:  # once per process: the onnx and the gguf harness share phi-edge
+        _INSTALLED[cache] = install_phi_edge(cache)
+    own = _INSTALLED[cache]
     home = cache / "home"
     home.mkdir(exist_ok=True)
     return Arm64(qemu=qemu, sysroot=sysroot, paths=[own, site], home=home)
@@ -217,15 +231,18 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("build", "phi-run", "python"):
         print(__doc__)
         return 2
+    command, args, extra = argv[0], argv[1:], "onnx"
+    if args[:1] == ["--extra"] and len(args) > 1:
+        extra, args = args[1], args[2:]
     try:
-        arm64 = build()
-    except HarnessUnavailable as e:
+        arm64 = build(extra=extra)
+    except (HarnessUnavailable, ValueError) as e:
         print(f"arm64 harness unavailable: {e}", file=sys.stderr)
         return 1
-    if argv[0] == "build":
+    if command == "build":
         print(f"arm64 harness ready in {cache_dir()}: {arm64.sysroot} + {', '.join(str(p) for p in arm64.paths)}")
         return 0
-    cmd = arm64.command("-m", "phi_edge.runtimes.cli", *argv[1:]) if argv[0] == "phi-run" else arm64.command(*argv[1:])
+    cmd = arm64.command("-m", "phi_edge.runtimes.cli", *args) if command == "phi-run" else arm64.command(*args)
     return subprocess.run(cmd, env=arm64.env()).returncode
 
 

@@ -1,13 +1,15 @@
 """GGUF format: our own Phi -> GGUF writer on the PyPI ``gguf`` package, run by llama.cpp.
 
-Writes ``model.gguf`` for llama.cpp's ``phi3`` architecture (Phi-3, Phi-3.5-mini, Phi-4-mini): the
+Writes ``model.gguf`` for llama.cpp's ``phi3`` architecture (Phi-3, Phi-3.5-mini, Phi-4-mini) or its
+``phimoe`` architecture (Phi-3.5-MoE: experts stacked per layer, see :mod:`.tensors`): the
 hyperparameters, LongRoPE (``rope_factors_long/short``, attention factor, original context), the
 sliding window, the tokenizer (``tokenizer.ggml.*``, see :mod:`.vocab`) and the chat template, and the
 tensors (:mod:`.tensors`) at fp32, fp16, bf16, int8 (Q8_0) or int4 (llama.cpp's Q4_K_M mix, see
 :func:`q4_k_m_type`), quantized with ``gguf``'s numpy quantizer and our own K-quants (:mod:`.kquants`,
 Q4_K / Q5_K / Q6_K, which ``gguf`` only dequantizes). Every quantized tensor
 is read back with ``gguf.GGUFReader`` and dequantized with ``gguf``'s dequantizer before the export
-is accepted. Nothing of llama.cpp's convert script is used or run.
+is accepted. Nothing of llama.cpp's convert script is used or run. With ``--calibration-text`` an
+importance matrix (:mod:`.imatrix`) weights the quantizers' scale search as llama.cpp's does.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ import numpy as np
 from phi_edge.runtimes.errors import PhiEdgeError
 
 from .. import ExportOptions, FormatResult, require_tool
-from . import kquants, tensors, vocab
+from . import kquants, legacy, tensors, vocab
 
 FORMAT = "gguf"
-OPTIONS: frozenset[str] = frozenset({"quant"})
+OPTIONS: frozenset[str] = frozenset({"quant", "calibration_text"})
 TOOLS = ("gguf", "xllamacpp")
 FILE = "model.gguf"
 ARCH = "phi3"
+ARCH_MOE = "phimoe"
 # bytes per weight of each storage type (blocks of 32: Q8_0 34 bytes, Q4_0 18 bytes)
 BYTES = {"F32": 4.0, "F16": 2.0, "BF16": 2.0, "Q8_0": 34 / 32, "Q4_0": 18 / 32, "Q5_0": 22 / 32, "Q5_1": 24 / 32,
          "Q4_K": 144 / 256, "Q5_K": 176 / 256, "Q6_K": 210 / 256}
@@ -68,7 +71,7 @@ def use_more_bits(layer: int, n_layers: int) -> bool:
 def kquant_type(scheme: str, name: str, shape: tuple[int, ...], n_layers: int,
                 tied: bool) -> tuple[str, str | None]:
     """(type, fallback note) of one GGUF tensor in a K-quant mix (the rules above); 1-D tensors stay F32."""
-    if len(shape) < 2:
+    if len(shape) < 2 or name.endswith("ffn_gate_inp.weight"):  # llama.cpp never quantizes the router
         return "F32", None
     width = shape[-1]
     parts = name.split(".")
@@ -80,7 +83,9 @@ def kquant_type(scheme: str, name: str, shape: tuple[int, ...], n_layers: int,
     want = K_SCHEMES[scheme]
     if kind == "attn_qkv":
         want = {"Q4_K_M": "Q5_K", "Q5_K_M": "Q6_K"}.get(scheme, want)
-    elif kind == "ffn_down":
+    elif kind == "attn_v" and scheme in ("Q4_K_M", "Q5_K_M") and use_more_bits(int(parts[1]), n_layers):
+        want = "Q6_K"  # split attn_v (phimoe) in the use_more_bits layers
+    elif kind in ("ffn_down", "ffn_down_exps"):
         layer = int(parts[1])
         if scheme in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, n_layers):
             want = "Q6_K"
@@ -117,12 +122,21 @@ def storage_type(name: str, shape: tuple[int, ...], scheme: str, n_layers: int, 
     return tensors.storage_type(name, shape, recipe)
 
 
-def encode(array: np.ndarray, qtype: str):
-    if qtype in kquants.TYPES:
-        from gguf import GGMLQuantizationType
+def encode(array: np.ndarray, qtype: str, importance: np.ndarray | None = None):
+    """(bytes, raw type) of one tensor; ``importance`` (per column, from an importance matrix) weights the
+    scale search of the K-quants and of Q4_0 / Q5_0 / Q5_1 (llama.cpp ignores it for Q8_0 and floats)."""
+    from gguf import GGMLQuantizationType
 
-        return kquants.quantize(array, qtype), GGMLQuantizationType[qtype]
+    if qtype in kquants.TYPES:
+        return kquants.quantize(array, qtype, importance), GGMLQuantizationType[qtype]
+    if importance is not None and qtype in legacy.TYPES:
+        return legacy.quantize(array, qtype, importance), GGMLQuantizationType[qtype]
     return tensors.encode(array, qtype)
+
+
+def weighted(qtype: str) -> bool:
+    """Whether an importance matrix changes how ``qtype`` is quantized."""
+    return qtype in kquants.TYPES or qtype in legacy.TYPES
 
 
 def scheme_bytes(config: dict[str, Any], scheme: str) -> int:
@@ -134,25 +148,41 @@ def scheme_bytes(config: dict[str, Any], scheme: str) -> int:
     kv = int(config.get("num_key_value_heads") or heads)
     hd, vocab_n = head_dim(config), int(config["vocab_size"])
     tied = bool(config.get("tie_word_embeddings"))
+    experts = int(config.get("num_local_experts") or 0)
     shapes = {"token_embd.weight": (vocab_n, h)}
     if not tied:
         shapes["output.weight"] = (vocab_n, h)
     for i in range(layers):
+        if experts:
+            shapes.update({f"blk.{i}.attn_q.weight": (heads * hd, h), f"blk.{i}.attn_k.weight": (kv * hd, h),
+                           f"blk.{i}.attn_v.weight": (kv * hd, h), f"blk.{i}.attn_output.weight": (h, heads * hd),
+                           f"blk.{i}.ffn_gate_exps.weight": (experts, inter, h),
+                           f"blk.{i}.ffn_up_exps.weight": (experts, inter, h),
+                           f"blk.{i}.ffn_down_exps.weight": (experts, h, inter)})
+            continue
         shapes.update({f"blk.{i}.attn_qkv.weight": ((heads + 2 * kv) * hd, h),
                        f"blk.{i}.attn_output.weight": (h, heads * hd),
                        f"blk.{i}.ffn_up.weight": (2 * inter, h), f"blk.{i}.ffn_down.weight": (h, inter)})
-    return int(sum(BYTES[storage_type(n, s, scheme, layers, tied)[0]] * s[0] * s[1] for n, s in shapes.items()))
+    return int(sum(BYTES[storage_type(n, s, scheme, layers, tied)[0]] * float(np.prod(s)) for n, s in shapes.items()))
 
 
 def check(ckpt, target, opts: ExportOptions) -> None:
     require_tool("gguf", "the gguf exporter")
     config = ckpt.config
-    if ckpt.is_moe or config.get("model_type") != "phi3":
-        raise PhiEdgeError(f"the gguf exporter writes Phi-3 / Phi-3.5-mini / Phi-4-mini (model_type phi3), "
-                           f"not {ckpt.architecture}; export it for another target, e.g. --target intel-cpu")
+    if config.get("model_type") not in ("phi3", "phimoe"):
+        raise PhiEdgeError(f"the gguf exporter writes Phi-3 / Phi-3.5-mini / Phi-4-mini (model_type phi3) and "
+                           f"Phi-3.5-MoE (phimoe), not {ckpt.architecture}; export it for another target, "
+                           f"e.g. --target intel-cpu")
     if opts.precision not in tensors.RECIPES:
         raise PhiEdgeError(f"the gguf exporter writes {', '.join(tensors.RECIPES)}, not {opts.precision}")
     scheme_of(opts.precision, opts.quant)  # an unknown --quant name, or --quant on a float export
+    if opts.quant.get("calibration_text"):
+        if opts.precision not in DEFAULT_SCHEMES:
+            raise PhiEdgeError(f"--calibration-text builds an importance matrix for quantized GGUF exports "
+                               f"(--int4 or --int8), not {opts.precision}")
+        from ..openvino.calibration import read_text
+
+        read_text(opts.quant["calibration_text"])  # a missing, empty or non-UTF-8 file fails here
     if config.get("quantization_config"):
         raise PhiEdgeError("the checkpoint is already quantized; export from its float checkpoint")
     if ckpt.weight_format != "safetensors":
@@ -202,8 +232,10 @@ def export(ckpt, target, opts: ExportOptions, out: Path, steps) -> FormatResult:
                    or config["max_position_embeddings"])
     tied = bool(config.get("tie_word_embeddings"))
     path = out / FILE
+    arch = ARCH_MOE if ckpt.is_moe else ARCH
+    n_experts = int(config.get("num_local_experts") or 0) if ckpt.is_moe else 0
 
-    writer = gguf.GGUFWriter(str(path), ARCH)
+    writer = gguf.GGUFWriter(str(path), arch)
     name = model_name(ckpt, phi3_rule)
     writer.add_name(name)
     writer.add_context_length(int(config["max_position_embeddings"]))
@@ -213,7 +245,10 @@ def export(ckpt, target, opts: ExportOptions, out: Path, steps) -> FormatResult:
     writer.add_block_count(int(config["num_hidden_layers"]))
     writer.add_head_count(int(config["num_attention_heads"]))
     writer.add_head_count_kv(int(config.get("num_key_value_heads") or config["num_attention_heads"]))
-    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))  # phimoe reads this key too
+    if n_experts:
+        writer.add_expert_count(n_experts)
+        writer.add_expert_used_count(int(config["num_experts_per_tok"]))
     writer.add_rope_dimension_count(rot)
     writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
     if config.get("sliding_window"):
@@ -235,22 +270,35 @@ def export(ckpt, target, opts: ExportOptions, out: Path, steps) -> FormatResult:
         writer.add_chat_template(template)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
+    importance: dict[str, np.ndarray] = {}
+    imatrix_tokens = 0
+    text = opts.quant.get("calibration_text")
+    if text:
+        from . import imatrix
+
+        with steps.step(f"Collecting an importance matrix from {Path(text).name} (torch forward hooks)"):
+            importance, imatrix_tokens = imatrix.collect(ckpt.path, text, arch)
+        if tied and "output.weight" in importance:  # the output matrix is token_embd
+            importance["token_embd.weight"] = importance.pop("output.weight")
     types: dict[str, str] = {}
     fallbacks: list[str] = []
     names: list[str] = []
+    used: dict[str, np.ndarray] = {}
     with steps.step(f"Converting the weights to GGUF ({precision}: {scheme})"):
-        for src, array in tensors.read_checkpoint(ckpt.weight_files):
-            names.append(src)
-            dst = tensors.gguf_name(src)
+        for dst, array, srcs in tensors.gguf_tensors(ckpt.weight_files, arch, n_experts):
+            names.extend(srcs)
             if dst is None or (tied and dst == "output.weight"):
                 continue
             qtype, note = storage_type(dst, array.shape, scheme, n_layers, tied)
             if note:
                 fallbacks.append(note)
-            data, raw = encode(array, qtype)
+            imp = importance.get(dst) if weighted(qtype) else None
+            if imp is not None:
+                used[dst] = imp
+            data, raw = encode(array, qtype, imp)
             writer.add_tensor(dst, data, raw_dtype=raw)
             types[dst] = qtype
-        tensors.check_names(names)
+        tensors.check_names(names, arch)
         for dst, array in extra.items():
             writer.add_tensor(dst, array)
             types[dst] = "F32"
@@ -259,7 +307,7 @@ def export(ckpt, target, opts: ExportOptions, out: Path, steps) -> FormatResult:
         writer.write_tensors_to_file()
         writer.close()
     with steps.step("Reading the GGUF back and checking every tensor against the checkpoint"):
-        readback = check_readback(path, ckpt, types, tied, extra)
+        readback = check_readback(path, ckpt, types, tied, extra, used, arch, n_experts)
     counts: dict[str, int] = {}
     for t in types.values():
         counts[t] = counts.get(t, 0) + 1
@@ -267,9 +315,15 @@ def export(ckpt, target, opts: ExportOptions, out: Path, steps) -> FormatResult:
              "file": FILE, "types": counts, "scheme": scheme,
              "body": K_SCHEMES.get(scheme) or tensors.RECIPES[PLAIN_SCHEMES.get(scheme, precision)][0],
              "token_embd": types.get("token_embd.weight"),
-             "output": "token_embd (tied)" if tied else types.get("output.weight"), "fallbacks": fallbacks}
+             "output": "token_embd (tied)" if tied else types.get("output.weight"), "fallbacks": fallbacks,
+             "imatrix": ({"text": Path(text).name, "tokens": imatrix_tokens, "tensors": len(used),
+                          "how": "per-column mean squared inputs of each linear layer of the float32 source "
+                                 "(torch forward hooks), weighting the scale search as llama.cpp's quant_weights"}
+                         if text else None)}
+    if text:
+        quant["tool"] += " with an importance matrix"
     runtime = {"gguf_file": FILE, "original_context_length": original if rope else None,
-               "longrope": bool(rope), "general_name": name}
+               "longrope": bool(rope), "general_name": name, "architecture": arch}
     from .modelfile import write as write_modelfile  # Ollama's Modelfile beside the gguf file
 
     write_modelfile(out, FILE, ckpt.family, opts.context_length)
@@ -277,9 +331,14 @@ def export(ckpt, target, opts: ExportOptions, out: Path, steps) -> FormatResult:
                         verification={"gguf_readback": readback, "gguf_tokenizer": tok_info})
 
 
-def check_readback(path: Path, ckpt, types: dict[str, str], tied: bool, extra: dict[str, np.ndarray]) -> str:
+def check_readback(path: Path, ckpt, types: dict[str, str], tied: bool, extra: dict[str, np.ndarray],
+                   weighted_by_imatrix: dict[str, np.ndarray] | None = None, arch: str = ARCH,
+                   n_experts: int = 0) -> str:
     """Read the file with ``gguf.GGUFReader``, dequantize each tensor with ``gguf``'s dequantizer and
-    compare it with the source (exact for F32; within half a quantization step otherwise)."""
+    compare it with the source: exact for F32; otherwise the largest error within half a quantization
+    step of the tensor's largest magnitude, or, for a tensor quantized with an importance matrix (whose
+    fit may clip a rarely used column's extreme to serve the others, as llama.cpp's does), the
+    importance-weighted RMS error within the same fraction of the importance-weighted RMS."""
     from gguf import GGUFReader, quants
 
     reader = GGUFReader(str(path))
@@ -292,21 +351,29 @@ def check_readback(path: Path, ckpt, types: dict[str, str], tied: bool, extra: d
     def compare(name: str, want: np.ndarray) -> None:
         t = found[name]
         got = quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
-        scale = float(np.abs(want).max()) or 1.0
-        err = float(np.abs(got.astype(np.float32) - want).max()) / scale
         qtype = types[name]
+        imp = (weighted_by_imatrix or {}).get(name)
+        if imp is None:
+            scale = float(np.abs(want).max()) or 1.0
+            err = float(np.abs(got.astype(np.float32) - want).max()) / scale
+        else:
+            col = kquants.floor_importance(np.asarray(imp, np.float32))
+            total = float(np.sum(np.square(want, dtype=np.float64) * col)) or 1.0
+            err = float(np.sqrt(np.sum(np.square(got - want, dtype=np.float64) * col) / total))
         if err > READBACK_TOLERANCE[qtype] + 1e-7:
             raise PhiEdgeError(f"{name} ({qtype}) reads back from the GGUF {err:.3g} (relative) away from the "
                                f"checkpoint; the export is refused and nothing was written")
         worst[qtype] = max(worst.get(qtype, 0.0), err)
 
-    for src, array in tensors.read_checkpoint(ckpt.weight_files):
-        dst = tensors.gguf_name(src)
+    for dst, array, _ in tensors.gguf_tensors(ckpt.weight_files, arch, n_experts):
         if dst is not None and dst in types:
             compare(dst, array)
     for dst, array in extra.items():
         compare(dst, array)
     detail = ", ".join(f"{t} max relative error {e:.2g}" for t, e in sorted(worst.items()))
+    if weighted_by_imatrix:
+        detail += (f"; for the {len(weighted_by_imatrix)} tensors quantized with the importance matrix the error "
+                   f"is the importance-weighted RMS relative to the weights'")
     return f"all {len(types)} tensors read back with gguf.GGUFReader and dequantized match the checkpoint ({detail})"
 
 
