@@ -93,6 +93,11 @@ def _export(model, target, module, opts, out, revision, allow_pickle, trust_remo
         transformers_check = source_tokenizers.describe_differences(
             source_tokenizers.transformers_differences(source_tok, trust_remote_code))
     check_moe(ckpt, target, precision)
+    from .formats import vision
+
+    why = vision.format_refusal(ckpt.config, module.FORMAT)
+    if why:
+        raise PhiEdgeError(why)
     opts_context_given = bool(opts.context_length)
     plan = choose_context(ckpt.config, target, precision, opts.context_length, opts.quant,
                           extra_bytes=ckpt.tokenizer_bytes)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -338,3 +340,12 @@ def test_other_formats_refuse_with_a_reason(mm_checkpoint):
         if fmt != "onnx-genai":
             assert format_refusal(config, fmt).startswith("Phi-4-multimodal exports for onnx-genai targets only")
     assert format_refusal({"model_type": "phi3"}, "gguf") is None
+
+
+@pytest.mark.parametrize("target", ["intel-cpu", "apple-silicon"])
+def test_export_to_another_format_refuses_up_front(mm_checkpoint, tmp_path, target):
+    r = subprocess.run([sys.executable, "-m", "phi_edge.exporter.cli", str(mm_checkpoint), "--target", target,
+                        "-o", str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode != 0 and not (tmp_path / "out").exists()
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "onnx-genai targets only" in lines[0], r.stderr

@@ -23,6 +23,12 @@ def run_builder(input_path: Path, out: Path, precision: str, ep: str, extra: lis
             builder.create_model(None, str(input_path), str(out), precision, ep, str(cache), **options)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+        # the builder's model is a web of reference cycles holding every weight (for a pre-quantized checkpoint,
+        # its memory-mapped tensors): free it now, before the artifact is loaded to check it, or both are resident
+        # together (Phi-3-mini int4: 6.3 GiB peak instead of 3.3)
+        import gc
+
+        gc.collect()
 
 
 @contextlib.contextmanager
