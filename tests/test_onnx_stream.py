@@ -94,8 +94,9 @@ def builder_route(tmp_path_factory, checkpoint):
     return get
 
 
-@pytest.mark.parametrize("target,quant", [("rpi5", {}), ("cuda", {}), ("cpu", {"lm_head": "int8"})],
-                         ids=["rpi5-defaults", "cuda-fp16-io", "cpu-int8-lm-head"])
+@pytest.mark.parametrize("target,quant", [("rpi5", {}), ("cuda", {}), ("cpu", {"lm_head": "int8"}),
+                                          ("cpu", {"lm_head": "fp"})],
+                         ids=["rpi5-defaults", "cuda-fp16-io", "cpu-int8-lm-head", "cpu-float-lm-head"])
 def test_streamed_logits_equal_the_builders(exported, builder_route, target, quant):
     streamed = exported(target, "int4", **quant)
     manifest = json.loads((streamed / "phi-edge.json").read_text())
