@@ -71,6 +71,23 @@ def hf_pixels(image):
     return Phi4MultimodalImageProcessor()(image, return_tensors="pt")
 
 
+def hf_greedy(hf_model, rt, result, images: list, n: int) -> tuple[list[int], int]:
+    """transformers' greedy continuation of ``result``'s prompt ids on ``images`` (its own image processor), and
+    where the artifact's stop tokens cut it; checks the prompt holds as many image tokens as the processor gives."""
+    import torch
+
+    batch = hf_pixels(images)
+    ids = torch.tensor([result.prompt_token_ids])
+    assert int((ids == 200010).sum()) == int(sum(batch["num_img_tokens"]))
+    with torch.no_grad():
+        out = hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                image_pixel_values=batch["image_pixel_values"], image_sizes=batch["image_sizes"],
+                                image_attention_mask=batch["image_attention_mask"], max_new_tokens=n,
+                                do_sample=False)
+    want = out[0, ids.shape[1]:].tolist()
+    return want, next((i for i, t in enumerate(want) if t in rt.stop_token_ids), len(want))
+
+
 def test_artifact_layout_and_config(mm_artifact):
     cfg = json.loads((mm_artifact / "genai_config.json").read_text())["model"]
     assert cfg["type"] == "phi4mm"
@@ -152,21 +169,11 @@ def test_decoder_logits_match_torch(mm_artifact, hf_model):
 def test_generate_with_image_matches_transformers(mm_runtime, hf_model):
     """load(OUT).generate(prompt, images=[img], temperature=0) == transformers' generate, 16 tokens; the
     image as a numpy array, a path, bytes, PIL and an OpenAI data-URL chat part all give the same."""
-    import torch
     from PIL import Image
 
     array = smooth(640, 360)  # a portrait photo: 2x1 crops, the lower one padded
     result = mm_runtime.generate(PROMPT, images=[array], max_new_tokens=16, temperature=0)
-    batch = hf_pixels(Image.fromarray(array))
-    ids = torch.tensor([result.prompt_token_ids])
-    assert int((ids == 200010).sum()) == int(batch["num_img_tokens"][0])
-    with torch.no_grad():
-        out = hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                image_pixel_values=batch["image_pixel_values"], image_sizes=batch["image_sizes"],
-                                image_attention_mask=batch["image_attention_mask"], max_new_tokens=16,
-                                do_sample=False)
-    want = out[0, ids.shape[1]:].tolist()
-    stop = next((i for i, t in enumerate(want) if t in mm_runtime.stop_token_ids), len(want))
+    want, stop = hf_greedy(hf_model, mm_runtime, result, [Image.fromarray(array)], 16)
     assert result.token_ids == want[:stop] and len(result.token_ids) == min(16, stop)
 
     data = png(array)
@@ -183,22 +190,12 @@ def test_generate_with_image_matches_transformers(mm_runtime, hf_model):
 
 
 def test_two_images_match_transformers(mm_runtime, hf_model):
-    import torch
     from PIL import Image
 
     first, second = smooth(300, 500), smooth(200, 200, 3)[:, ::-1].copy()
     prompt = "<|user|><|image_1|>and<|image_2|>What differs?<|end|><|assistant|>"
     result = mm_runtime.generate(prompt, images=[first, second], max_new_tokens=8)
-    batch = hf_pixels([Image.fromarray(first), Image.fromarray(second)])
-    ids = torch.tensor([result.prompt_token_ids])
-    assert int((ids == 200010).sum()) == int(sum(batch["num_img_tokens"]))
-    with torch.no_grad():
-        out = hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                image_pixel_values=batch["image_pixel_values"], image_sizes=batch["image_sizes"],
-                                image_attention_mask=batch["image_attention_mask"], max_new_tokens=8,
-                                do_sample=False)
-    want = out[0, ids.shape[1]:].tolist()
-    stop = next((i for i, t in enumerate(want) if t in mm_runtime.stop_token_ids), len(want))
+    want, stop = hf_greedy(hf_model, mm_runtime, result, [Image.fromarray(first), Image.fromarray(second)], 8)
     assert result.token_ids == want[:stop]
 
 
