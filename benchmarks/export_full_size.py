@@ -114,12 +114,25 @@ def write_checkpoint(folder: Path, layers: int, shape: dict = PHI3_MINI) -> Path
 
 
 def measured(cmd: list[str]) -> dict:
-    """Wall time and peak RSS of ``cmd`` (its own process tree), from a fresh parent."""
-    probe = ("import json, resource, subprocess, sys, time; t = time.perf_counter(); "
-             "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); "
-             "print(json.dumps({'rc': r.returncode, 'wall_s': time.perf_counter() - t, "
-             "'peak_rss_bytes': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, "
-             "'stderr': r.stderr[-2000:]}))")
+    """Wall time and peak RSS of ``cmd`` and every process it starts (an export's worker too), from a fresh
+    parent: the larger of the biggest single process (the kernel's ru_maxrss) and the largest sum over the
+    process tree sampled every 0.1 s."""
+    probe = ("import json, resource, subprocess, sys, time, psutil; t = time.perf_counter(); "
+             "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); "
+             "tree = 0\n"
+             "def rss(q):\n"
+             "    try: return q.memory_info().rss\n"
+             "    except psutil.Error: return 0\n"
+             "while p.poll() is None:\n"
+             "    try: procs = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]\n"
+             "    except psutil.Error: procs = []\n"
+             "    tree = max(tree, sum(rss(q) for q in procs)); time.sleep(0.1)\n"
+             "err = p.stderr.read()\n"
+             "print(json.dumps({'rc': p.returncode, 'wall_s': time.perf_counter() - t, "
+             "'peak_rss_bytes': max(tree, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024), "
+             "'peak_tree_rss_sampled_bytes': tree, "
+             "'peak_single_process_rss_bytes': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, "
+             "'stderr': err[-2000:]}))")
     out = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 

@@ -19,8 +19,12 @@ from .artifact import build_manifest, check_output, staging, stop_token_ids
 from .formats import ExportOptions, check_options, copy_into, format_module, tool_versions
 from .plan import choose_context
 from .progress import Steps, tool_output_to_log
+from .worker import run_in_worker
 
 SMOKE_PROMPT = "Hello! What can you do on a Raspberry Pi?"
+# From this size the model files are written in a worker process (:mod:`.worker`), so that torch and the
+# tool's heap are gone when the artifact is loaded for its checks (Phi-3-medium int4: 12.2 -> 11 GiB peak).
+WORKER_FROM_PARAMS = 1_000_000_000
 
 
 @dataclass
@@ -61,8 +65,10 @@ def check_moe(ckpt, target, precision: str) -> None:
 def run_export(model: str | None, target_name: str, output: str | Path, precision: str | None = None,
                context_length: int = 0, quant: dict[str, Any] | None = None, force: bool = False,
                revision: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
-               smoke_test: bool = True, steps: Steps | None = None, fmt: str | None = None) -> ExportReport:
-    """``fmt``: another format the target offers (``--format``, e.g. gguf for rpi5); None: its default."""
+               smoke_test: bool = True, steps: Steps | None = None, fmt: str | None = None,
+               worker: bool | None = None) -> ExportReport:
+    """``fmt``: another format the target offers (``--format``, e.g. gguf for rpi5); None: its default.
+    ``worker``: write the model files in a worker process (None: from :data:`WORKER_FROM_PARAMS` up)."""
     steps = steps or Steps(enabled=False)
     target = get_target(target_name, fmt)
     precision = resolve_precision(target, precision)
@@ -76,7 +82,7 @@ def run_export(model: str | None, target_name: str, output: str | Path, precisio
     with tool_output_to_log(f"the export of {name} for target '{target.name}'", step=lambda: steps.current,
                             hint="try another --precision or target, and please report it with the tool log"):
         return _export(model, target, module, opts, out, revision, allow_pickle, trust_remote_code, smoke_test,
-                       steps)
+                       steps, worker)
 
 
 class TokenizerMismatchError(PhiEdgeError):
@@ -84,14 +90,17 @@ class TokenizerMismatchError(PhiEdgeError):
 
 
 def _export(model, target, module, opts, out, revision, allow_pickle, trust_remote_code, smoke_test,
-            steps) -> ExportReport:
+            steps, worker) -> ExportReport:
+    from .sizing import param_counts
+
     precision = opts.precision
     with steps.step("Checking the checkpoint"):
         ckpt = checkpoints.resolve(model, revision=revision, allow_pickle=allow_pickle,
                                    trust_remote_code=trust_remote_code)
         source_tok = source_tokenizers.SourceTokenizer(ckpt.path)
-        transformers_check = source_tokenizers.describe_differences(
-            source_tokenizers.transformers_differences(source_tok, trust_remote_code))
+        if worker is None:
+            worker = param_counts(ckpt.config).total >= WORKER_FROM_PARAMS
+        transformers_check = None if worker else _transformers_check(source_tok, trust_remote_code)
     check_moe(ckpt, target, precision)
     from .formats import vision
 
@@ -110,10 +119,14 @@ def _export(model, target, module, opts, out, revision, allow_pickle, trust_remo
 
     notes: list[str] = [plan.context_note] if not opts_context_given else []
     notes += [f"tokenizer: {n}" for n in source_tok.changes_for_artifact()]
-    if not transformers_check.startswith("transformers' AutoTokenizer agrees"):
-        notes.append(f"tokenizer: {transformers_check}")
     with staging(out, opts.force) as tmp:
-        result = module.export(ckpt, target, opts, tmp, steps)
+        if worker:
+            result, transformers_check = run_in_worker(_write_model, module.__name__, ckpt, target, opts, tmp,
+                                                       trust_remote_code, steps=steps)
+        else:
+            result = module.export(ckpt, target, opts, tmp, steps)
+        if not transformers_check.startswith("transformers' AutoTokenizer agrees"):
+            notes.append(f"tokenizer: {transformers_check}")
         notes += result.notes
         context = result.context_length or context
         copy_into(ckpt.path, tmp, checkpoints.TOKENIZER_FILES)
@@ -132,21 +145,39 @@ def _export(model, target, module, opts, out, revision, allow_pickle, trust_remo
                                   tools=tool_versions(("phi-edge",) + tuple(module.TOOLS)), memory=memory,
                                   verification=result.verification,
                                   tokenizer=source_tokenizers.manifest_entry(source_tok, transformers_check))
+        engine_options, load_note = module.check_load(weights) if hasattr(module, "check_load") else ({}, None)
         with steps.step("Checking the artifact's tokenizer against the source"):
-            rt = _load_staged(tmp, module, target, notes)
+            rt = _load_staged(tmp, module, target, notes, engine_options)
             manifest.verification["tokenizer"] = check_tokenizer(rt, tmp, manifest, source_tok)
+            if load_note and rt is not None:
+                notes.append(load_note)
+                manifest.verification["artifact_check"] = load_note
             manifest.write(tmp)
         sample = None
         if smoke_test and rt is not None:
             with steps.step("Generating a sample with the artifact"):
-                sample = _smoke_test(rt)
+                sample = _smoke_test(rt, 1 if engine_options else 16)
     return ExportReport(output=str(out), target=target.name, format=module.FORMAT, precision=precision,
                         family=ckpt.family, source=ckpt.source, context_length=context,
                         size_bytes=manifest.total_bytes, estimated_runtime_bytes=memory["estimated_runtime_bytes"],
                         quantization=result.quantization, step_times_s=steps.times, sample=sample, notes=notes)
 
 
-def _load_staged(folder: Path, module, target, notes: list[str]):
+def _transformers_check(source_tok, trust_remote_code: bool) -> str:
+    """How transformers' AutoTokenizer agrees with the checkpoint's tokenizer files (imports torch)."""
+    return source_tokenizers.describe_differences(source_tokenizers.transformers_differences(source_tok,
+                                                                                             trust_remote_code))
+
+
+def _write_model(module_name: str, ckpt, target, opts, folder: Path, trust_remote_code: bool, *, steps):
+    """The format tool's part of an export, as a worker process runs it: (FormatResult, transformers check)."""
+    import importlib
+
+    check = _transformers_check(source_tokenizers.SourceTokenizer(ckpt.path), trust_remote_code)
+    return importlib.import_module(module_name).export(ckpt, target, opts, folder, steps), check
+
+
+def _load_staged(folder: Path, module, target, notes: list[str], engine_options: dict | None = None):
     """The staged artifact loaded by its own runtime, or None (with a note) where this machine lacks
     the device or the runtime."""
     from phi_edge.runtimes import load
@@ -158,7 +189,7 @@ def _load_staged(folder: Path, module, target, notes: list[str]):
     if device.lower() != str(target.device).lower():
         notes.append(f"test-loaded on {device}: this machine has no {target.device}")
     try:
-        return load(folder, device=device)
+        return load(folder, device=device, engine_options=engine_options)
     except BackendUnavailableError as e:
         notes.append(f"not test-loaded: {e}")
         return None
@@ -190,8 +221,8 @@ def check_tokenizer(rt, folder: Path, manifest, source_tok) -> str:
     return f"all {len(source_tokenizers.PROBES)} probe texts encode exactly like the source ({how})"
 
 
-def _smoke_test(rt) -> dict[str, Any]:
+def _smoke_test(rt, tokens: int = 16) -> dict[str, Any]:
     """Generate a few tokens with the staged artifact, so a broken export never lands."""
-    result = rt.generate(SMOKE_PROMPT, max_new_tokens=16)
+    result = rt.generate(SMOKE_PROMPT, max_new_tokens=tokens)
     return {"prompt": SMOKE_PROMPT, "text": result.text, "tokens": len(result.token_ids),
             "device": rt.device, "decode_tokens_per_s": round(result.timings.decode_tokens_per_s, 1)}

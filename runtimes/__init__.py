@@ -48,7 +48,7 @@ def backend_module(fmt: str):
 
 def load(path: str | Path | None, device: str | None = None, verify: bool = False, *, model: str | None = None,
          api_key: str | None = None, provider: str | None = None, fallback: str | None = None,
-         **remote_options) -> Runtime:
+         engine_options: dict | None = None, **remote_options) -> Runtime:
     """Load the artifact folder at ``path``, or an OpenAI-compatible endpoint.
 
     Checks the manifest and every file's size (``verify=True`` also every sha256), then opens it
@@ -59,6 +59,7 @@ def load(path: str | Path | None, device: str | None = None, verify: bool = Fals
     (see :mod:`.remote`; ``remote_options``: ``timeout``, ``max_retries``, ``max_wait_s``...).
     ``fallback=URL`` (or ``fallback=True`` with ``provider=``): the artifact when it loads and fits the
     available RAM, the endpoint otherwise; ``runtime.source`` is ``"local"`` or ``"remote"``.
+    ``engine_options``: keyword arguments of the artifact's backend (onnx-genai: ``prepack_weights``).
     """
     if path is None or str(path).startswith(("http://", "https://")):
         if path is None and provider is None:
@@ -82,7 +83,7 @@ def load(path: str | Path | None, device: str | None = None, verify: bool = Fals
     manifest = read_manifest(folder, verify=verify)
     module = backend_module(manifest.format)
     start = time.perf_counter()
-    runtime = module.open_artifact(folder, manifest, device)
+    runtime = module.open_artifact(folder, manifest, device, **(engine_options or {}))
     runtime.load_s = time.perf_counter() - start
     runtime.source = "local"
     return runtime

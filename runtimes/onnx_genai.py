@@ -6,6 +6,7 @@ Phi-4-multimodal artifacts, the engine's multimodal processor and Pillow (only w
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -23,7 +24,9 @@ DEVICES = ("cpu", "cuda")
 class OnnxGenaiRuntime(Runtime):
     format = FORMAT
 
-    def __init__(self, folder: Path, manifest: Manifest, device: str | None = None):
+    def __init__(self, folder: Path, manifest: Manifest, device: str | None = None, prepack_weights: bool = True):
+        """``prepack_weights=False``: ONNX Runtime keeps the int4 weights memory-mapped as stored instead of
+        repacking them for its kernels: about the file's size in RAM instead of ~1.35x, far slower to run."""
         device = (device or manifest.runtime.get("device", "cpu")).lower()
         if device not in DEVICES:
             raise PhiEdgeError(f"onnx-genai artifacts run on {', '.join(DEVICES)}, not '{device}'")
@@ -32,6 +35,8 @@ class OnnxGenaiRuntime(Runtime):
         self._og = og
         built_for = manifest.runtime.get("device", "cpu")
         config = og.Config(str(folder))
+        if not prepack_weights:
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"session.disable_prepacking": "1"}}}}))
         if device != built_for:
             config.clear_providers()
             if device != "cpu":
@@ -78,6 +83,9 @@ class OnnxGenaiRuntime(Runtime):
                 f"longer --context")
         self._image_inputs = (ids, inputs)
         return ids
+
+    def _forget_images(self) -> None:
+        self._image_inputs = None
 
     def _fix_image_inputs(self, inputs, decoded) -> None:
         """Two of the processor's tensors are rewritten, the crop layout and token counts kept:
@@ -145,5 +153,6 @@ class OnnxGenaiRuntime(Runtime):
         return out.reshape(-1, out.shape[-1])[-len(ids):]
 
 
-def open_artifact(folder: Path, manifest: Manifest, device: str | None = None) -> OnnxGenaiRuntime:
-    return OnnxGenaiRuntime(folder, manifest, device)
+def open_artifact(folder: Path, manifest: Manifest, device: str | None = None,
+                  prepack_weights: bool = True) -> OnnxGenaiRuntime:
+    return OnnxGenaiRuntime(folder, manifest, device, prepack_weights)

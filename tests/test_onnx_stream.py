@@ -190,6 +190,87 @@ def test_disk_full_and_ctrl_c_leave_nothing(checkpoint, tmp_path, monkeypatch):
     _no_staging_left(tmp_path)
 
 
+class _NeedsTwoArguments(Exception):
+    def __init__(self, what, why):  # pickles but cannot be unpickled: the worker sends its name and text
+        super().__init__(f"{what}: {why}")
+
+
+def _in_a_step(kind: str, *, steps):
+    """What the worker test runs in the worker process."""
+    import os
+
+    with steps.step("Doing the thing"):
+        steps.note("a note from the worker")
+        if kind == "error":
+            raise PhiEdgeError("the thing failed; do the other thing")
+        if kind == "unpicklable":
+            raise _NeedsTwoArguments("gadget", "broke")
+        if kind == "dies":
+            os._exit(3)
+    return {"pid": os.getpid()}
+
+
+def test_worker_relays_steps_results_and_errors():
+    import os
+
+    from phi_edge.exporter.progress import Steps
+    from phi_edge.exporter.worker import run_in_worker
+
+    steps = Steps(enabled=False)
+    assert run_in_worker(_in_a_step, "ok", steps=steps)["pid"] != os.getpid()
+    assert "Doing the thing" in steps.times and steps.current == ""
+    with pytest.raises(PhiEdgeError, match="^the thing failed; do the other thing$"):
+        run_in_worker(_in_a_step, "error", steps=steps)
+    assert steps.current == "Doing the thing"  # the failing step is named, as in-process
+    with pytest.raises(RuntimeError, match="^_NeedsTwoArguments: gadget: broke$"):
+        run_in_worker(_in_a_step, "unpicklable", steps=Steps(enabled=False))
+    with pytest.raises(RuntimeError, match=r"worker process ended without a result \(exit code 3\)"):
+        run_in_worker(_in_a_step, "dies", steps=Steps(enabled=False))
+
+
+def test_export_in_a_worker_writes_the_same_artifact(exported, checkpoint, tmp_path):
+    """Large models write their files in a worker process (the artifact check then runs without torch):
+    the same bytes as in-process, the worker's steps in the report, nothing left beside the output."""
+    in_process = exported("rpi5")
+    out = tmp_path / "worker"
+    report = run_export(str(checkpoint("phi3")), "rpi5", out, worker=True)
+    assert (out / "model.onnx.data").read_bytes() == (in_process / "model.onnx.data").read_bytes()
+    assert (out / "model.onnx").read_bytes() == (in_process / "model.onnx").read_bytes()
+    assert any(k.startswith("Quantizing to int4 layer by layer") for k in report.step_times_s)
+    assert report.sample and report.sample["tokens"] > 0
+    manifest = json.loads((out / "phi-edge.json").read_text())
+    assert manifest["verification"]["tokenizer"].startswith("all ")
+    _no_staging_left(tmp_path)
+
+
+def test_artifact_check_loads_memory_mapped_when_the_repacked_model_would_crowd_the_workstation(
+        exported, checkpoint, tmp_path, monkeypatch):
+    """Phi-3-medium int4 on this 24 GiB box: ONNX Runtime's repacked load needs ~12 GiB, so the export's check
+    opens it memory-mapped as stored (~the file's size) and generates one token; the manifest says so."""
+    import numpy as np
+
+    from phi_edge.exporter.formats import onnx_genai
+    from phi_edge.runtimes import load
+
+    gib = 1024**3
+    assert onnx_genai.check_load(int(8.65 * gib), int(23.5 * gib))[0] == {"prepack_weights": False}
+    assert onnx_genai.check_load(int(2.54 * gib), int(23.5 * gib)) == ({}, None)  # Phi-3-mini: as the device
+    assert onnx_genai.check_load(int(2.54 * gib), 8 * gib)[0] == {"prepack_weights": False}
+
+    monkeypatch.setattr(onnx_genai, "CHECK_RAM_SHARE", 0.0)
+    out = tmp_path / "light"
+    report = run_export(str(checkpoint("phi3")), "rpi5", out)
+    assert report.sample["tokens"] == 1
+    note = json.loads((out / "phi-edge.json").read_text())["verification"]["artifact_check"]
+    assert note.startswith("artifact check: loaded without ONNX Runtime's weight repacking") and note in report.notes
+    # the option reaches the engine: its unpacked fp32 kernels differ from the repacked int8-activation ones
+    ids = list(range(5, 30))
+    packed = np.asarray(load(out).logits(ids))
+    mapped = np.asarray(load(out, engine_options={"prepack_weights": False}).logits(ids))
+    assert 0 < np.abs(packed - mapped).max() < 1.0
+    assert (packed.argmax(-1) == mapped.argmax(-1)).mean() > 0.9
+
+
 def test_plan_reports_the_exports_ram_and_the_export_refuses_what_will_not_fit(checkpoint, tmp_path, monkeypatch):
     run = CliRunner().invoke(phi_export, ["plan", str(checkpoint("phi3")), "--target", "rpi5", "--json"])
     d = json.loads(run.stdout)

@@ -16,6 +16,7 @@ validation, staging and the atomic move, tokenizer files, the manifest, the smok
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,9 +116,14 @@ def tool_versions(names: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def require_tool(module_name: str, what: str):
-    """Import an export tool, or say how to install it."""
+def require_tool(module_name: str, what: str, load: bool = True):
+    """Import an export tool, or say how to install it. ``load=False`` only checks that it is installed
+    (an export that writes its model in a worker process keeps torch out of the parent)."""
     try:
+        if not load:
+            if importlib.util.find_spec(module_name) is None:
+                raise ImportError(f"No module named {module_name!r}")
+            return None
         return importlib.import_module(module_name)
     except ImportError as e:
         raise PhiEdgeError(
