@@ -70,6 +70,15 @@ class Checkpoint:
         return json.loads(p.read_text()) if p.is_file() else {}
 
 
+
+def unsupported_architecture(arch: str) -> CheckpointError:
+    if arch == "Phi3VForCausalLM":
+        return CheckpointError("Phi-3-vision / Phi-3.5-vision (remote-code phi3_v) are not exported by phi-edge yet; "
+                               "Phi-4-multimodal (transformers' native phi4_multimodal) exports with vision for the "
+                               "onnx-genai targets")
+    supported = ", ".join(f"{a} ({what})" for a, what in SUPPORTED_ARCHITECTURES.items())
+    return CheckpointError(f"architecture {arch} is not supported; supported are: {supported}")
+
 def rope_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The rope scaling of a config in either spelling: the hub's ``rope_scaling`` or transformers 5's
     ``rope_parameters``; empty for plain rope."""
@@ -145,8 +154,7 @@ def read_config(model: str | None, revision: str | None = None) -> tuple[str, di
         )
     arch = (config.get("architectures") or ["(none)"])[0]
     if arch not in SUPPORTED_ARCHITECTURES:
-        supported = ", ".join(f"{a} ({what})" for a, what in SUPPORTED_ARCHITECTURES.items())
-        raise CheckpointError(f"architecture {arch} is not supported; supported are: {supported}")
+        raise unsupported_architecture(arch)
     return source, config, tok
 
 
@@ -197,8 +205,7 @@ def validate(path: Path, source: str | None = None, allow_pickle: bool = False,
         raise CheckpointError(f"{cfg_path} does not hold a JSON object; re-download the checkpoint")
     arch = (config.get("architectures") or ["(none)"])[0]
     if arch not in SUPPORTED_ARCHITECTURES:
-        supported = ", ".join(f"{a} ({what})" for a, what in SUPPORTED_ARCHITECTURES.items())
-        raise CheckpointError(f"architecture {arch} is not supported; supported are: {supported}")
+        raise unsupported_architecture(arch)
     if config.get("auto_map") and trust_remote_code:
         pass  # the user asked for the repository's own code
     weights, fmt = _weights(path, allow_pickle)

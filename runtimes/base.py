@@ -229,6 +229,17 @@ class Runtime:
         raise PhiEdgeError(f"this {self.format} artifact is text-only and takes no images; export "
                            f"Phi-4-multimodal for an onnx-genai target to prompt with images")
 
+    def image_prompt_ids(self, prompt: str, images: Sequence[Any]) -> list[int]:
+        """The prompt's ids with its images' tokens (images decoded and checked), without keeping the
+        processed images for a generation: what a server counts before it queues a request."""
+        try:
+            return self._prepare_images(prompt, list(images))
+        finally:
+            self._forget_images()
+
+    def _forget_images(self) -> None:
+        """Drop images prepared for the next generation (vision backends)."""
+
     def _start_images(self, prompt: str | Sequence[int], images: Sequence[Any],
                       result: GenerationResult | None = None) -> GenerationResult:
         if not isinstance(prompt, str):

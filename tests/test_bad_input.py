@@ -45,6 +45,11 @@ def test_unsupported_architecture(ckpt_copy, tmp_path):
     r = run_export_cli(ckpt_copy, "--target", "rpi5", "-o", tmp_path / "out")
     assert_clean_failure(r, "architecture LlamaForCausalLM is not supported; supported are: Phi3ForCausalLM", tmp_path / "out")
     assert "PhiMoEForCausalLM" in r.stderr
+    cfg["architectures"], cfg["model_type"] = ["Phi3VForCausalLM"], "phi3_v"
+    (ckpt_copy / "config.json").write_text(json.dumps(cfg))
+    r = run_export_cli(ckpt_copy, "--target", "rpi5", "-o", tmp_path / "out", "--trust-remote-code")
+    assert_clean_failure(r, "Phi-3-vision / Phi-3.5-vision (remote-code phi3_v) are not exported by phi-edge yet; "
+                            "Phi-4-multimodal", tmp_path / "out")
 
 
 def test_missing_and_malformed_config(ckpt_copy, tmp_path):

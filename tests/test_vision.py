@@ -1,11 +1,16 @@
 """Phi-4-multimodal vision on ONNX Runtime GenAI: each exported part against torch, end-to-end greedy
-against transformers' generate, the device-side image processor against transformers', bad input."""
+against transformers' generate, the device-side image processor against transformers', bad input.
+
+The tiny checkpoint carries vision-lora/ and speech-lora/ as the hub's native revision does; the reference is
+transformers with the vision adapter loaded through PEFT (the export merges it into the decoder)."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -39,12 +44,18 @@ def mm_checkpoint(session_dir):
 
 
 @pytest.fixture(scope="module")
-def mm_artifact(session_dir, mm_checkpoint):
+def mm_export(session_dir, mm_checkpoint):
     from phi_edge.exporter.export import run_export
 
-    out = session_dir / "artifacts" / "phi4mm-cpu-fp32"
-    run_export(str(mm_checkpoint), "cpu", out, precision="fp32", smoke_test=False)
-    return out
+    return run_export(str(mm_checkpoint), "cpu", session_dir / "artifacts" / "phi4mm-cpu-fp32", precision="fp32",
+                      smoke_test=False)
+
+
+@pytest.fixture(scope="module")
+def mm_artifact(mm_export):
+    from pathlib import Path
+
+    return Path(mm_export.output)
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +72,12 @@ def hf_model(mm_checkpoint):
 
     # eager: transformers 5.5's SDPA path marks the SigLIP attention causal (is_causal=True) and uses that
     # whenever no crop of the batch is padded; SigLIP attends both ways, as the eager path (and our export) do
-    return Phi4MultimodalForCausalLM.from_pretrained(str(mm_checkpoint), dtype=torch.float32,
-                                                     attn_implementation="eager").eval()
+    model = Phi4MultimodalForCausalLM.from_pretrained(str(mm_checkpoint), dtype=torch.float32,
+                                                      attn_implementation="eager").eval()
+    # the vision LoRA through PEFT, unmerged, as the hub's model card loads it (the independent reference)
+    model.load_adapter(str(mm_checkpoint / "vision-lora"), adapter_name="vision")
+    model.set_adapter("vision")
+    return model
 
 
 def hf_pixels(image):
@@ -88,7 +103,7 @@ def hf_greedy(hf_model, rt, result, images: list, n: int) -> tuple[list[int], in
     return want, next((i for i, t in enumerate(want) if t in rt.stop_token_ids), len(want))
 
 
-def test_artifact_layout_and_config(mm_artifact):
+def test_artifact_layout_and_config(mm_artifact, mm_export):
     cfg = json.loads((mm_artifact / "genai_config.json").read_text())["model"]
     assert cfg["type"] == "phi4mm"
     assert cfg["vision"]["filename"] == "vision.onnx" and cfg["embedding"]["filename"] == "embedding.onnx"
@@ -99,6 +114,12 @@ def test_artifact_layout_and_config(mm_artifact):
     manifest = json.loads((mm_artifact / "phi-edge.json").read_text())
     assert manifest["runtime"]["vision"]["type"] == "phi4mm"
     assert manifest["family"] == "phi4-multimodal"
+    assert manifest["runtime"]["vision"]["vision_lora"] == {"merged": True, "always_on": True, "r": 8, "alpha": 16,
+                                                            "scale": 2, "weights": 8}
+    assert manifest["runtime"]["vision"]["speech_lora"] == "not merged: audio is not exported"
+    notes = " | ".join(mm_export.notes)
+    assert "vision LoRA (vision-lora/, r=8, alpha=16, scale 2) merged into 8 decoder weights: it is always on" in notes
+    assert "speech-lora/ (the speech LoRA) is not merged: audio is not exported" in notes
 
 
 def test_vision_and_embedding_onnx_match_torch(mm_artifact, hf_model):
@@ -145,7 +166,8 @@ def test_vision_and_embedding_onnx_match_torch(mm_artifact, hf_model):
 
 
 def test_decoder_logits_match_torch(mm_artifact, hf_model):
-    """The builder's decoder (model.onnx, inputs_embeds) vs transformers on the same merged embeddings."""
+    """The builder's decoder (model.onnx, inputs_embeds, vision LoRA merged) vs transformers with the LoRA through
+    PEFT on the same merged embeddings; without the adapter transformers' logits are far off (the merge counts)."""
     import onnxruntime as ort
     import torch
 
@@ -161,9 +183,120 @@ def test_decoder_logits_match_torch(mm_artifact, hf_model):
             feeds[inp.name] = np.zeros((1, kv, 0, hd), np.float32)
     feeds = {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}}
     logits = session.run(["logits"], feeds)[0]
+    mask = torch.ones(1, 5, dtype=torch.long)
     with torch.no_grad():
-        want = hf_model(inputs_embeds=embeds, attention_mask=torch.ones(1, 5, dtype=torch.long)).logits
+        want = hf_model(inputs_embeds=embeds, attention_mask=mask).logits
+        hf_model.disable_adapters()
+        try:
+            unmerged = hf_model(inputs_embeds=embeds, attention_mask=mask).logits
+        finally:
+            hf_model.enable_adapters()
     np.testing.assert_allclose(logits, want.numpy(), atol=1e-3, rtol=0)
+    assert float(np.abs(logits - unmerged.numpy()).max()) > 1.0
+
+
+def _with_adapter(mm_checkpoint, folder, adapter_dir=None):
+    """A checkpoint folder sharing ``mm_checkpoint``'s weights (links) with ``adapter_dir`` as its vision-lora/."""
+    import shutil
+
+    folder.mkdir()
+    for f in mm_checkpoint.iterdir():
+        if f.is_file():
+            (folder / f.name).symlink_to(f)
+    if adapter_dir is not None:
+        shutil.copytree(adapter_dir, folder / "vision-lora")
+    return folder
+
+
+def test_peft_saved_adapter_merges_as_peft_does(mm_checkpoint, tmp_path):
+    """An adapter written by PEFT's own save_pretrained (base_model.model.-prefixed keys, rsLoRA, a list of
+    target modules) merges to PEFT's merge_and_unload weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import Phi4MultimodalForCausalLM
+
+    from phi_edge.exporter.formats.vision import lora_merge
+
+    model = Phi4MultimodalForCausalLM.from_pretrained(str(mm_checkpoint), dtype=torch.float32)
+    torch.manual_seed(3)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=12, use_rslora=True, init_lora_weights=False,
+                                                  target_modules=["layers.0.self_attn.qkv_proj", "1.mlp.down_proj"]))
+    peft_model.save_pretrained(tmp_path / "saved")
+    keys = list(load_file(tmp_path / "saved" / "adapter_model.safetensors"))
+    assert keys and all(k.startswith("base_model.model.model.layers.") for k in keys)
+    want = peft_model.merge_and_unload().state_dict()
+
+    ckpt = _with_adapter(mm_checkpoint, tmp_path / "ckpt", tmp_path / "saved")
+    lora = lora_merge.find(ckpt, sorted(ckpt.glob("*.safetensors")))
+    assert lora.scale == 12 / 2 and len(lora.pairs) == 2  # alpha / sqrt(r)
+    tensors = {k: v for f in sorted(ckpt.glob("*.safetensors")) for k, v in load_file(f).items()
+               if k.startswith("model.layers.")}
+    lora.merge_into(tensors)
+    assert lora.merged == 2
+    for name, tensor in tensors.items():
+        torch.testing.assert_close(tensor, want[name], atol=1e-5, rtol=0)
+
+
+def _edit_adapter(src, dst, config=None, drop=None, rename=None):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    if config:
+        cfg = json.loads((dst / "adapter_config.json").read_text())
+        (dst / "adapter_config.json").write_text(json.dumps({**cfg, **config}))
+    if drop or rename:
+        tensors = load_file(dst / "adapter_model.safetensors")
+        tensors = {rename.get(k, k) if rename else k: v for k, v in tensors.items() if k != drop}
+        save_file(tensors, str(dst / "adapter_model.safetensors"))
+
+
+VISION_PROJ = "model.embed_tokens_extend.image_embed.img_projection_down"
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"drop_file": True}, "has no adapter_model.safetensors"),
+    ({"config": {"use_dora": True}}, "uses DoRA"),
+    ({"config": {"bias": "all"}}, "trains biases"),
+    ({"config": {"rank_pattern": {"qkv_proj": 4}}}, "per-layer ranks"),
+    ({"config": {"r": 16}}, "says r=16"),
+    ({"drop": "model.layers.1.mlp.down_proj.lora_B.weight"}, "no lora_B weight for model.layers.1.mlp.down_proj"),
+    ({"rename": {"model.layers.1.mlp.down_proj.lora_A.weight": "model.layers.7.mlp.down_proj.lora_A.weight",
+                 "model.layers.1.mlp.down_proj.lora_B.weight": "model.layers.7.mlp.down_proj.lora_B.weight"}},
+     "targets model.layers.7.mlp.down_proj.weight, which the checkpoint does not have"),
+    ({"rename": {"model.layers.0.mlp.down_proj.lora_A.weight": "model.layers.0.mlp.gate_up_proj.lora_A.weight",
+                 "model.layers.0.mlp.gate_up_proj.lora_A.weight": "model.layers.0.mlp.down_proj.lora_A.weight"}},
+     "does not fit the checkpoint's weight"),
+    ({"config": {"target_modules": ["qkv_proj"]}}, "which target_modules ['qkv_proj'] does not name"),
+    ({"config": {"target_modules": ".*"}, "rename": {  # a LoRA on the vision tower's projection
+        f"model.layers.0.self_attn.o_proj.lora_{h}.weight": f"{VISION_PROJ}.lora_{h}.weight" for h in "AB"}},
+     "outside the text decoder"),
+])
+def test_malformed_vision_lora_is_refused(mm_checkpoint, tmp_path, edit, message):
+    from phi_edge.exporter.formats.vision import lora_merge
+    from phi_edge.runtimes.errors import PhiEdgeError
+
+    ckpt = _with_adapter(mm_checkpoint, tmp_path / "ckpt")
+    _edit_adapter(mm_checkpoint / "vision-lora", ckpt / "vision-lora", edit.get("config"), edit.get("drop"),
+                  edit.get("rename"))
+    if edit.get("drop_file"):
+        (ckpt / "vision-lora" / "adapter_model.safetensors").unlink()
+    with pytest.raises(PhiEdgeError, match=re.escape(message)) as err:
+        lora_merge.find(ckpt, sorted(ckpt.glob("*.safetensors")))
+    assert "\n" not in str(err.value)
+
+
+def test_malformed_vision_lora_export_leaves_nothing(mm_checkpoint, tmp_path):
+    from phi_edge.exporter.export import run_export
+    from phi_edge.runtimes.errors import PhiEdgeError
+
+    ckpt = _with_adapter(mm_checkpoint, tmp_path / "ckpt")
+    _edit_adapter(mm_checkpoint / "vision-lora", ckpt / "vision-lora", {"use_dora": True})
+    with pytest.raises(PhiEdgeError, match="merge it with PEFT"):
+        run_export(str(ckpt), "cpu", tmp_path / "out", precision="fp32", smoke_test=False)
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 def test_generate_with_image_matches_transformers(mm_runtime, hf_model):
@@ -346,3 +479,74 @@ def test_export_to_another_format_refuses_up_front(mm_checkpoint, tmp_path, targ
     assert r.returncode != 0 and not (tmp_path / "out").exists()
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "onnx-genai targets only" in lines[0], r.stderr
+
+
+@contextlib.contextmanager
+def _serving(runtime, name: str):
+    """``phi-run serve``'s app for an already loaded runtime, on uvicorn on a free 127.0.0.1 port, in a thread."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from phi_edge.runtimes.serve import create_app
+
+    app = create_app(runtime, name)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert server.started, "the server did not start"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        app.state.scheduler.close()
+        sock.close()
+
+
+def test_serve_takes_image_parts(mm_runtime, exported):
+    """phi-run serve's app with the official openai client: image_url data: URLs answer as rt.chat does
+    (streamed and not; a photo-sized body over the 1 MiB text limit is taken); other URLs, a bad image and
+    a text-only artifact answer one clear 400."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    from phi_edge.runtimes import load
+
+    def user(data: bytes, text: str = "What is in this picture?") -> list[dict]:
+        url = "data:image/png;base64," + base64.b64encode(data).decode()
+        return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": text}]}]
+
+    messages = user(png(smooth(640, 360)))
+    want = mm_runtime.chat(messages, max_new_tokens=8, temperature=0)
+    photo = png(np.random.default_rng(1).integers(0, 255, (448, 448, 4), dtype=np.uint8), "RGBA")
+    assert len(photo) * 4 / 3 > 1 << 20  # over the text-only body limit as base64; one crop
+    with _serving(mm_runtime, "phi4mm") as url:
+        client = openai.OpenAI(base_url=url, api_key="unused-on-loopback", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model="phi4mm", messages=messages, max_tokens=8, temperature=0)
+        assert r.choices[0].message.content == want.text and want.text
+        assert r.usage.prompt_tokens == len(want.prompt_token_ids) > 273
+        chunks = client.chat.completions.create(model="phi4mm", messages=messages, max_tokens=8, temperature=0,
+                                                stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+        r = client.chat.completions.create(model="phi4mm", messages=user(photo), max_tokens=1, temperature=0)
+        assert r.usage.completion_tokens == 1 and r.usage.prompt_tokens > 273
+        file_part = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/hostname"}}]}]
+        with pytest.raises(openai.BadRequestError, match="must be a base64 data: URL"):
+            client.chat.completions.create(model="phi4mm", messages=file_part)
+        with pytest.raises(openai.BadRequestError, match="not an image Pillow can read"):
+            client.chat.completions.create(model="phi4mm", messages=user(b"garbage"))
+        assert client.chat.completions.create(model="phi4mm", messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=2).choices[0].message.content is not None
+    with _serving(load(exported("cpu", "fp32")), "text") as url:
+        client = openai.OpenAI(base_url=url, api_key="unused-on-loopback", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError, match="text-only model and takes no images") as err:
+            client.chat.completions.create(model="text", messages=user(png(smooth(32, 32))))
+        assert err.value.status_code == 400 and err.value.code == "image_input_not_supported"

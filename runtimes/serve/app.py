@@ -1,4 +1,5 @@
-"""The Starlette app: /v1/models, /v1/chat/completions, /v1/completions, auth, body limits and SSE."""
+"""The Starlette app: /v1/models, /v1/chat/completions (image parts for vision artifacts), /v1/completions,
+auth, body limits and SSE."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import ContextLengthError, PhiEdgeError
+from ..images import split_chat_images
 from .errors import APIError, bad_request
 from .protocol import GenRequest, chunk_body, full_body, new_id, parse_chat, parse_completion, usage
 from .scheduler import Scheduler
 
 log = logging.getLogger("phi_edge.serve")
 MAX_BODY = 1 << 20
+MAX_IMAGE_BODY = 20 << 20  # vision artifacts: base64 photos (OpenAI takes images up to 20 MB)
 
 
 class SSEResponse(Response):
@@ -63,9 +66,12 @@ class SSEResponse(Response):
 
 
 def create_app(runtime, model_id: str, api_key: str | None = None, max_queue: int = 16,
-               max_body: int = MAX_BODY) -> Starlette:
-    """An ASGI app serving ``runtime`` under the model name ``model_id``."""
+               max_body: int | None = None) -> Starlette:
+    """An ASGI app serving ``runtime`` under the model name ``model_id``. Request bodies are capped at
+    ``max_body`` (default 1 MiB, 20 MiB for a vision artifact, whose requests carry base64 images)."""
     scheduler = Scheduler(runtime, max_queue=max_queue)
+    vision = takes_images(runtime)
+    max_body = max_body or (MAX_IMAGE_BODY if vision else MAX_BODY)
     created = int(time.time())
     expected = api_key.encode() if api_key else None
 
@@ -110,12 +116,23 @@ def create_app(runtime, model_id: str, api_key: str | None = None, max_queue: in
         return JSONResponse({"status": "ok", "model": model_id, "queued": scheduler.admitted,
                              "pieces_generated": scheduler.pieces_sent})
 
-    async def prepare(req: GenRequest) -> tuple[list[int], dict[str, Any]]:
-        """The prompt's ids and the sampling arguments, checked against the context."""
+    async def prepare(req: GenRequest) -> tuple[list[int], dict[str, Any], tuple[str, list] | None]:
+        """The prompt's ids, the sampling arguments and (chat with image parts) the prompt text and the
+        images, checked against the context."""
         if req.model is not None and req.model != model_id:
             raise _no_model(req.model, model_id)
+        images = None
+        if req.has_images and not vision:
+            raise bad_request(f"{model_id} is a text-only model and takes no images; send text content only, or "
+                              f"serve a Phi-4-multimodal artifact exported for an onnx-genai target",
+                              param="messages", code="image_input_not_supported")
         try:
-            if req.kind == "chat":
+            if req.has_images:
+                messages, decoded = split_chat_images(req.messages)
+                prompt = runtime.chat_prompt(messages)
+                ids = await scheduler.call(runtime.image_prompt_ids, prompt, decoded)  # counted; prepared again later
+                images = (prompt, decoded)
+            elif req.kind == "chat":
                 ids = await scheduler.call(runtime.chat_ids, req.messages)
             elif isinstance(req.prompt, str):
                 ids = await scheduler.call(runtime.encode, req.prompt)
@@ -123,6 +140,8 @@ def create_app(runtime, model_id: str, api_key: str | None = None, max_queue: in
                 ids = list(req.prompt)
             sampling = {**req.sampling, "max_new_tokens": req.max_tokens}
             runtime.params(**{k: v for k, v in sampling.items() if k != "stop"})
+        except ContextLengthError as e:  # the images' tokens alone are over the context
+            raise bad_request(str(e), param="messages", code="context_length_exceeded") from None
         except PhiEdgeError as e:
             raise bad_request(str(e)) from None
         context = runtime.context_length
@@ -137,19 +156,19 @@ def create_app(runtime, model_id: str, api_key: str | None = None, max_queue: in
                               f"{len(ids) + req.max_tokens} tokens, over the model's context of {context}; "
                               f"ask for at most {context - len(ids)} tokens", param="max_tokens",
                               code="context_length_exceeded")
-        return ids, sampling
+        return ids, sampling, images
 
     async def generate(request: Request, parse) -> Response:
         check_auth(request)
         req = parse(await read_json(request))
-        ids, sampling = await prepare(req)
+        ids, sampling, images = await prepare(req)
         scheduler.admit()
         rid = new_id(req.kind)
         result = runtime.new_result()
         if req.stream:
-            return SSEResponse(_events(req, rid, ids, sampling, result), on_close=scheduler.release)
+            return SSEResponse(_events(req, rid, ids, sampling, result, images), on_close=scheduler.release)
         try:
-            text = await _collect(request, scheduler.run(ids, sampling, result))
+            text = await _collect(request, scheduler.run(ids, sampling, result, images))
         except ContextLengthError as e:
             raise bad_request(str(e), code="context_length_exceeded") from None
         finally:
@@ -159,13 +178,13 @@ def create_app(runtime, model_id: str, api_key: str | None = None, max_queue: in
         return JSONResponse(full_body(req, rid, model_id, text, result.finish_reason,
                                       usage(len(ids), len(result.token_ids))))
 
-    async def _events(req, rid, ids, sampling, result) -> AsyncIterator[dict]:
+    async def _events(req, rid, ids, sampling, result, images) -> AsyncIterator[dict]:
         first = True
         try:
             if req.kind == "chat":
                 yield chunk_body(req, rid, model_id, "", None, first=True)
                 first = False
-            async for piece in scheduler.run(ids, sampling, result):
+            async for piece in scheduler.run(ids, sampling, result, images):
                 yield chunk_body(req, rid, model_id, piece, None, first=first)
                 first = False
             yield chunk_body(req, rid, model_id, None if req.kind == "chat" else "", result.finish_reason)
@@ -233,6 +252,12 @@ async def _collect(request: Request, pieces: AsyncIterator[str]) -> str | None:
                 await pieces.aclose()
             tg.cancel_scope.cancel()
     return "".join(parts) if finished else None
+
+
+def takes_images(runtime) -> bool:
+    """Whether the artifact has a vision part (its manifest's runtime section says which)."""
+    manifest = getattr(runtime, "manifest", None)
+    return bool((getattr(manifest, "runtime", None) or {}).get("vision"))
 
 
 def _no_model(asked: str, served: str) -> APIError:

@@ -20,7 +20,8 @@ class GenRequest:
 
     kind: str  # "chat" or "completion"
     model: str | None
-    messages: list[dict[str, str]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)  # content: text, or text and image parts
+    has_images: bool = False
     prompt: str | list[int] = ""
     max_tokens: int | None = None
     sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, seed, stop
@@ -96,25 +97,50 @@ def parse_chat(body: Any) -> GenRequest:
         if role not in ROLES:
             raise bad_request(f"{param}.role {m.get('role')!r} is not supported; use one of: "
                               f"{', '.join(sorted(ROLES | set(ROLE_ALIASES)))}", param=f"{param}.role")
-        out.append({"role": role, "content": _content(m.get("content"), role, f"{param}.content")})
+        content = _content(m.get("content"), role, f"{param}.content")
+        req.has_images = req.has_images or isinstance(content, list)
+        out.append({"role": role, "content": content})
     req.messages = out
     return req
 
 
-def _content(content: Any, role: str, param: str) -> str:
+def _content(content: Any, role: str, param: str) -> str | list[dict[str, Any]]:
+    """A string, or (when it has image parts) the list of text and image_url parts, each checked."""
     if content is None and role == "assistant":
         return ""
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise bad_request(f"{param}: only text parts ({{'type': 'text', 'text': ...}}) are supported",
-                                  param=param)
-            texts.append(part["text"])
-        return "".join(texts)
-    raise bad_request(f"{param} must be a string or a list of text parts", param=param)
+    if not isinstance(content, list):
+        raise bad_request(f"{param} must be a string or a list of text and image_url parts", param=param)
+    parts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            parts.append({"type": "image_url", "image_url": {"url": _image_url(part, f"{param}[{j}]")}})
+        elif kind in ("input_audio", "audio"):
+            raise bad_request(f"{param}[{j}]: audio input is not supported; phi-edge serves text and image parts",
+                              param=f"{param}[{j}]")
+        else:
+            raise bad_request(f"{param}[{j}]: only text parts ({{'type': 'text', 'text': ...}}) and image parts "
+                              f"({{'type': 'image_url', 'image_url': {{'url': 'data:image/png;base64,...'}}}}) "
+                              f"are supported", param=f"{param}[{j}]")
+    if not any(p["type"] == "image_url" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts
+
+
+def _image_url(part: dict, param: str) -> str:
+    """Images come inline as base64 data: URLs; the server neither fetches URLs nor reads its own files."""
+    spec = part.get("image_url")
+    url = spec.get("url") if isinstance(spec, dict) else spec
+    if not isinstance(url, str) or not (url.startswith("data:") and url.partition(",")[0].endswith(";base64")):
+        shown = url[:60] + "..." if isinstance(url, str) and len(url) > 60 else url
+        raise bad_request(f"{param}.image_url.url must be a base64 data: URL (data:image/png;base64,...), "
+                          f"not {shown!r}: this server does not fetch URLs or read its own files",
+                          param=f"{param}.image_url")
+    return url
 
 
 def parse_completion(body: Any) -> GenRequest:

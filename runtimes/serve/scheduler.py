@@ -46,13 +46,19 @@ class Scheduler:
         """Run ``fn(*args)`` on the runtime's thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def run(self, prompt_ids: list[int], sampling: dict[str, Any], result) -> AsyncIterator[str]:
-        """Text pieces of one generation, after the ones queued before it; ``result`` fills in."""
+    async def run(self, prompt_ids: list[int], sampling: dict[str, Any], result,
+                  images: tuple[str, list] | None = None) -> AsyncIterator[str]:
+        """Text pieces of one generation, after the ones queued before it; ``result`` fills in. With
+        ``images`` (the prompt text, the images) the runtime prepares them here, in the same worker-thread
+        step that starts the generation, so no other request's images can come between."""
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
             start = time.perf_counter()
-            pieces = self.runtime.stream(prompt_ids, result=result, **sampling)
+            if images is not None:
+                pieces = self.runtime.stream(images[0], images=images[1], result=result, **sampling)
+            else:
+                pieces = self.runtime.stream(prompt_ids, result=result, **sampling)
             try:
                 while True:
                     piece = await self.call(next, pieces, _DONE)

@@ -2,7 +2,8 @@
 
 The builder writes the text decoder (``exclude_embeds``) from a Phi-3 view of the checkpoint; we
 export the vision encoder and the embedding-merge model with torch.onnx and write the ``phi4mm``
-genai_config.json sections and the image processor config. Audio is not exported.
+genai_config.json sections and the image processor config. A ``vision-lora/`` adapter is merged into the
+decoder (always on, as in onnxruntime-genai's own Phi-4-MM export). Audio (and ``speech-lora/``) is not exported.
 """
 
 from __future__ import annotations
@@ -69,14 +70,15 @@ def export_phi4mm(ckpt, target, opts, out: Path, steps, export_text):
     """Decoder via ``export_text`` (the onnx-genai format's export) on the Phi-3 view, then the vision parts."""
     import torch
 
-    from . import genai_config, onnx_export, text_checkpoint
+    from . import genai_config, lora_merge, onnx_export, text_checkpoint
 
-    text_checkpoint.check_no_adapters(ckpt.path)
     check_geometry(ckpt.config)
+    lora = lora_merge.find(ckpt.path, ckpt.weight_files)  # checked against the weights before anything is written
     view = out / ".phi3-text-view"
     try:
-        with steps.step("Writing the text decoder's tensors as a Phi-3 checkpoint"):
-            shards = text_checkpoint.write_text_checkpoint(ckpt, view)
+        label = " (vision LoRA merged)" if lora else ""
+        with steps.step(f"Writing the text decoder's tensors as a Phi-3 checkpoint{label}"):
+            shards = text_checkpoint.write_text_checkpoint(ckpt, view, lora)
         text_ckpt = replace(ckpt, path=view, config=text_checkpoint.phi3_config(ckpt.config),
                             weight_files=shards, architecture="Phi3ForCausalLM")
         with _exclude_embeds():
@@ -96,8 +98,10 @@ def export_phi4mm(ckpt, target, opts, out: Path, steps, export_text):
         onnx_export.export_embedding(ckpt.weight_files, token, out / genai_config.EMBEDDING_FILE, table, io_dtype)
     genai_config.make_phi4mm(out, token, crop, IMAGE_MEAN, IMAGE_STD)
     result.runtime = {**result.runtime, "vision": {"type": "phi4mm", "image_token_id": token,
-                                                  "vision_precision": "fp32"}}
-    result.notes = list(result.notes) + ["vision: Phi-4-multimodal image input; audio is not exported"]
+                                                  "vision_precision": "fp32",
+                                                  **lora_merge.manifest_entry(ckpt.path, lora)}}
+    result.notes = (list(result.notes) + ["vision: Phi-4-multimodal image input; audio is not exported"]
+                    + lora_merge.notes(ckpt.path, lora))
     return result
 
 

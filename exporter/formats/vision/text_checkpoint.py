@@ -2,7 +2,8 @@
 
 onnxruntime-genai's builder knows the hub's remote-code ``Phi4MMForCausalLM`` (with its LoRA
 layers), not transformers' native class; the native decoder is Phi-3's (same tensor names), so its tensors
-are re-saved under a Phi3Config and built as Phi-3 without the embedding layer.
+are re-saved under a Phi3Config (the vision LoRA merged in, see lora_merge) and built as Phi-3 without the
+embedding layer.
 """
 
 from __future__ import annotations
@@ -21,15 +22,6 @@ PHI3_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
                "partial_rotary_factor", "bos_token_id", "eos_token_id", "pad_token_id", "sliding_window")
 
 
-def check_no_adapters(path: Path) -> None:
-    """The hub's native revision ships its vision and speech LoRA as separate adapters; we do not merge them."""
-    found = [d for d in ("vision-lora", "speech-lora") if (Path(path) / d).is_dir()]
-    if found:
-        raise PhiEdgeError(f"{path} carries LoRA adapters ({', '.join(found)}/) that Phi-4-multimodal needs for "
-                           f"image prompts; phi-edge does not merge them yet, so the export would answer images "
-                           f"without them. Export a checkpoint with the adapters merged into the weights")
-
-
 def phi3_config(config: dict[str, Any]) -> dict[str, Any]:
     text = {k: config[k] for k in PHI3_FIELDS if k in config}
     if not text.get("original_max_position_embeddings"):
@@ -38,9 +30,10 @@ def phi3_config(config: dict[str, Any]) -> dict[str, Any]:
         "dtype") or config.get("torch_dtype") or "float32"}
 
 
-def write_text_checkpoint(ckpt, folder: Path) -> list[Path]:
+def write_text_checkpoint(ckpt, folder: Path, lora=None) -> list[Path]:
     """Phi-3 ``config.json``, the decoder's tensors (shard by shard, so at most one source shard is in
-    memory; vision and audio tensors left out) with an index, and the tokenizer files. Returns the shards."""
+    memory; vision and audio tensors left out; ``lora``, a lora_merge.VisionLora, merged into them) with an
+    index, and the tokenizer files. Returns the shards."""
     import shutil
 
     from safetensors import safe_open
@@ -53,11 +46,15 @@ def write_text_checkpoint(ckpt, folder: Path) -> list[Path]:
             tensors = {k: sf.get_tensor(k) for k in sf.keys() if k.startswith(TEXT_KEYS)}
         if not tensors:
             continue
+        if lora is not None:
+            lora.merge_into(tensors)
         out = folder / f"model-{i + 1:05d}.safetensors"
         save_file(tensors, str(out), metadata={"format": "pt"})
         weight_map.update({k: out.name for k in tensors})
         written.append(out)
         del tensors
+    if lora is not None:
+        lora.check_complete()
     if "model.embed_tokens.weight" not in weight_map:
         raise PhiEdgeError(f"{ckpt.path} has no model.embed_tokens.weight; is it a transformers-native "
                            f"phi4_multimodal checkpoint?")
