@@ -70,9 +70,10 @@ def _default_output(model: str | None, target: str, precision: str | None) -> st
 @click.option("--gptq", is_flag=True, default=None, help="[openvino, onnx-genai int4] Data-aware GPTQ (needs --calibration-text).")
 @click.option("--calibration-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="[openvino, qnn, onnx-genai] Local text file for calibration.")
 @click.option("--soc", help="[qnn] Snapdragon SoC to compile for (see 'phi-export targets').")
-@click.option("--prefill-chunk", type=int, help="[qnn] Tokens per prefill step of the static graph.")
+@click.option("--prefill-chunk", type=int, help="[qnn, apple-ane] Tokens per prefill step of the static graph.")
 @click.option("--compile/--no-compile", "compile_", default=None, help="[qnn] Ship compiled context binaries (default) or only the QDQ model.")
-@click.option("--quant", help="[gguf] llama.cpp quantization mix: Q4_K_M (the --int4 default), Q4_K_S, Q5_K_M, Q6_K, Q4_0, Q8_0.")
+@click.option("--quant", help="[gguf] llama.cpp quantization mix: Q4_K_M (the --int4 default), Q4_K_S, Q5_K_M, Q6_K, Q4_0, Q8_0. "
+              "[apple-ane] int4-per-channel (default) or palettize4.")
 @click.option("--revision", help="Hub revision (branch, tag or commit).")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle (.bin) weights. Only for checkpoints you trust.")
 @click.option("--trust-remote-code", is_flag=True, help="Run the checkpoint repository's own Python code. Only for repositories you trust.")

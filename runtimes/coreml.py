@@ -9,6 +9,12 @@ conversation (``make_state()``): a prompt that extends the previous one only fee
 mask is built here, with the model's sliding window.
 Sampling is numpy on the host. Imports coremltools (its ``MLModel``), tokenizers and numpy only.
 
+The Neural Engine variant (``--target apple-ane``, manifest ``runtime.prefill_length`` N) is one package
+with two fixed-shape functions sharing the state: ``prefill`` takes N tokens (a prompt goes in chunks
+of N, the last one padded and its padding's logits dropped), ``decode`` one token; each takes
+``input_ids`` int32 [1, 1, 1, T], ``position`` int32 [1, 1, 1, 1] and ``causal_mask`` fp16 [1, 1, T,
+context] and returns the vocabulary in slices (``logits_0``, ``logits_1``, ... [1, rows, 1, T]).
+
 Elsewhere (Linux, older macOS) ``load()`` refuses with what was checked at export; the exporter
 scores the package's stored weights in torch for ``phi-export eval`` by handing this class an
 engine of its own (``engine=``): it needs only ``make_state()`` and ``predict(inputs, state)``.
@@ -54,9 +60,56 @@ def where_it_runs(manifest: Manifest) -> str:
             f"'phi-export eval OUT --against CKPT' scores its stored weights on Linux")
 
 
+def fixed_mask(start: int, t: int, context: int, window: int = 0, dtype=np.float16) -> np.ndarray:
+    """Additive mask [1, 1, t, context] of the fixed-shape (ANE) functions for ``t`` tokens at
+    ``start..start+t-1``: causal over the whole cache (padding past the prompt sees the prompt)."""
+    query = np.arange(start, start + t)[:, None]
+    key = np.arange(context)[None, :]
+    ok = key <= query
+    if window:
+        ok &= key > query - window
+    return np.where(ok, 0.0, -np.inf).astype(dtype)[None, None]
+
+
+def joined_logits(out: dict, outputs: Sequence[str]) -> np.ndarray:
+    """The vocabulary slices [1, rows, 1, T] joined: logits [T, vocab] as float32."""
+    return np.concatenate([np.asarray(out[name], dtype=np.float32) for name in outputs], axis=1)[0, :, 0, :].T
+
+
+def feed_fixed(engine, state, ids: Sequence[int], start: int, chunk: int, context: int, window: int,
+               outputs: Sequence[str]) -> np.ndarray:
+    """Feed ``ids`` at ``start`` through the fixed-shape functions: ``chunk`` tokens at a time through
+    prefill (the last chunk padded with token 0, its padding's logits dropped; padding past the
+    context is not written), a lone token through decode. Logits [len(ids), vocab]."""
+    logits, i = [], 0
+    while i < len(ids):
+        part = [int(x) for x in ids[i:i + chunk]]
+        t = 1 if len(part) == 1 else chunk
+        inputs = {"input_ids": np.asarray(part + [0] * (t - len(part)), dtype=np.int32).reshape(1, 1, 1, t),
+                  "position": np.full((1, 1, 1, 1), start + i, dtype=np.int32),
+                  "causal_mask": fixed_mask(start + i, t, context, window)}
+        logits.append(joined_logits(engine.predict(inputs, state=state), outputs)[:len(part)])
+        i += len(part)
+    return np.concatenate(logits)
+
+
+class Functions:
+    """The ANE package's two functions by call length (N: ``prefill``, 1: ``decode``); one state,
+    made by either, serves both."""
+
+    def __init__(self, by_length: dict):
+        self.by_length = by_length
+
+    def make_state(self):
+        return self.by_length[1].make_state()
+
+    def predict(self, inputs: dict, state) -> dict:
+        return self.by_length[int(inputs["causal_mask"].shape[2])].predict(inputs, state=state)
+
+
 class Chain:
-    """A model converted in parts: each part's ``MLModel`` in turn, the hidden states handed on, one state
-    per part (a model converted whole is a chain of one)."""
+    """A model converted in parts: each part's ``MLModel`` (or, for the ANE, its two :class:`Functions`) in
+    turn, the hidden states handed on, one state per part (a model converted whole is a chain of one)."""
 
     def __init__(self, models: list):
         self.models = models
@@ -70,7 +123,8 @@ class Chain:
             out = model.predict(feeds, state=part_state)
             if i == len(self.models) - 1:
                 return out
-            feeds = {"hidden_states": out["output_hidden_states"], "causal_mask": inputs["causal_mask"]}
+            feeds = {k: v for k, v in inputs.items() if k != "input_ids"}  # the mask (and the ANE's position)
+            feeds["hidden_states"] = out["output_hidden_states"]
         raise PhiEdgeError("the artifact lists no Core ML packages; re-export the model")
 
 
@@ -82,10 +136,16 @@ def open_engine(folder: Path, manifest: Manifest, device: str | None):
     units = (device or manifest.runtime.get("compute_units", "ALL")).upper()
     if units not in COMPUTE_UNITS:
         raise PhiEdgeError(f"Core ML compute units are {', '.join(COMPUTE_UNITS)}, not '{device}'")
+    functions = manifest.runtime.get("functions")  # the ANE variant: {"prefill": N, "decode": 1}
     models = []
     for name in manifest.runtime["packages"]:
         try:
-            models.append(ct.models.MLModel(str(folder / name), compute_units=ct.ComputeUnit[units]))
+            if functions:
+                models.append(Functions({length: ct.models.MLModel(str(folder / name), function_name=fn,
+                                                                   compute_units=ct.ComputeUnit[units])
+                                         for fn, length in functions.items()}))
+            else:
+                models.append(ct.models.MLModel(str(folder / name), compute_units=ct.ComputeUnit[units]))
         except Exception as e:  # Core ML's own load errors (a package from a newer coremltools, a damaged file)
             raise PhiEdgeError(f"Core ML could not load {folder / name}: {e}; re-export the model") from None
     return Chain(models), units
@@ -105,6 +165,8 @@ class CoreMLRuntime(Runtime):
         self.engine = engine
         self.engine_note = engine_note  # how logits are computed when not by Core ML ("" on a device)
         self.sliding_window = int(rt.get("sliding_window") or 0)
+        self.prefill_length = int(rt.get("prefill_length") or 0)  # the ANE variant's fixed prefill N, else 0
+        self.outputs = list(rt.get("outputs") or ["logits"])
         tokenizers = require("tokenizers", FORMAT)
         self._tokenizer = tokenizers.Tokenizer.from_file(str(self.folder / "tokenizer.json"))
         self._state, self._state_ids = None, []  # the conversation's state and the ids it holds
@@ -125,6 +187,11 @@ class CoreMLRuntime(Runtime):
         if start + t > self.context_length:
             raise ContextLengthError(f"{start + t} tokens do not fit this artifact's context of {self.context_length}; "
                                      f"shorten the prompt or re-export with a longer --context-length")
+        if self.prefill_length:
+            logits = feed_fixed(self.engine, self._state, ids, start, self.prefill_length, self.context_length,
+                                self.sliding_window, self.outputs)
+            self._state_ids.extend(int(i) for i in ids)
+            return logits
         inputs = {"input_ids": np.asarray([list(ids)], dtype=np.int32),
                   "causal_mask": causal_mask(start, t, self.sliding_window)}
         out = self.engine.predict(inputs, state=self._state)

@@ -20,7 +20,7 @@ from phi_edge.runtimes.errors import PhiEdgeError
 from .. import ExportOptions, FormatResult, merged_quant, require_tool
 
 FORMAT = "coreml"
-OPTIONS = frozenset({"block_size"})
+OPTIONS = frozenset({"block_size", "prefill_chunk", "quant"})  # the last two: --target apple-ane only
 TOOLS = ("coremltools", "torch", "transformers", "numpy")
 BLOCK_SIZES = (16, 32, 64, 128)
 PARITY_MAX_PARAMS = 400_000_000  # above this the fp32 parity check (two fp32 models) is left to the tests
@@ -52,6 +52,14 @@ def check(ckpt, target, opts: ExportOptions) -> None:
     if ckpt.weight_format != "safetensors":
         raise PhiEdgeError("the Core ML exporter reads weights from *.safetensors only; convert the checkpoint "
                            "(transformers' save_pretrained) and export that folder")
+    from . import ane_export
+
+    if ane_export.is_ane(target):
+        return ane_export.check(target, opts)
+    for key, flag in (("prefill_chunk", "--prefill-chunk"), ("quant", "--quant")):
+        if key in opts.quant:
+            raise PhiEdgeError(f"{flag} does not apply to target '{target.name}' (flexible shapes, block-wise int4): "
+                               f"it is for --target apple-ane; this target takes --block-size")
     if opts.precision != "int4" and "block_size" in opts.quant:
         raise PhiEdgeError(f"--block-size applies to --precision int4 (block-wise int4); {opts.precision} "
                            f"{'is per-channel' if opts.precision == 'int8' else 'is not quantized'}")
@@ -79,6 +87,12 @@ def estimate_bytes(config: dict[str, Any], precision: str, q: dict[str, Any], ta
 
     c = param_counts(config)
     matrices = c.linear + c.embeddings + c.lm_head
+    from . import ane_export
+
+    if ane_export.is_ane(target):
+        mode = q.get("quant", "int4-per-channel") if precision == "int4" else precision
+        rows = matrices // config["hidden_size"]  # about: most matrices are hidden wide
+        return ane_export.estimate_bytes(matrices, rows, precision, str(mode).lower()) + c.other * 2
     if precision == "int4":
         block = int(q.get("block_size", 32))
         size = matrices // 2 + matrices // block * 2
@@ -105,6 +119,10 @@ def export(ckpt, target, opts: ExportOptions, out: Path, steps) -> FormatResult:
     context = opts.context_length
     shape = Shape.of(ckpt.config)
     n_params = _params(ckpt.config)
+    from . import ane_export
+
+    if ane_export.is_ane(target):
+        return _export_ane(ckpt, target, opts, out, steps, n_params)
     used = settings(opts.precision, merged_quant(target, opts))
     verification: dict[str, Any] = {}
     if n_params <= PARITY_MAX_PARAMS:
@@ -145,6 +163,36 @@ def export(ckpt, target, opts: ExportOptions, out: Path, steps) -> FormatResult:
         notes.append(f"converted in {len(parts)} parts of whole layers (at most {PART_MAX_PARAMS / 1e6:.0f}M "
                      f"parameters each, to bound the converter's memory): {', '.join(packages)}, run in sequence, "
                      f"each with its own state")
+    notes.append("Core ML did not run on this machine (it runs on macOS 15+ / iOS 18+): the export checked the "
+                 "decoder in torch and read the stored weights back; see phi-edge.json verification")
+    return FormatResult(quantization=used, runtime=runtime, verification=verification, notes=notes)
+
+
+def _export_ane(ckpt, target, opts: ExportOptions, out: Path, steps, n_params: int) -> FormatResult:
+    """``--target apple-ane``: one package, prefill and decode functions of fixed shapes (:mod:`.ane_export`)."""
+    import platform
+
+    import coremltools as ct
+
+    from . import ane_export
+
+    used, runtime, verification, rope = ane_export.export(ckpt, target, opts, out, steps, PARITY_MAX_PARAMS, n_params,
+                                                          PART_MAX_PARAMS)
+    parity = verification["graph_parity"]
+    verification["rope"] = rope
+    verification["coreml"] = VERIFIED.format(
+        ct=ct.__version__, os=platform.system(),
+        parity="skipped for size" if "skipped" in parity else
+        f"max logit difference {parity['max_abs_logit_diff']:.1e}, greedy identical, both functions",
+        weights=f"min cosine {verification['weights_round_trip']['min_cosine']:.6f} with the source")
+    notes = [rope["note"]] if "note" in rope else []
+    notes.append(f"Neural Engine layout: fixed shapes, prefill function of {runtime['prefill_length']} tokens and "
+                 f"decode function of 1 in one package sharing the KV-cache state; logits in "
+                 f"{len(runtime['outputs'])} vocabulary slices")
+    if len(runtime["packages"]) > 1:
+        notes.append(f"converted in {len(runtime['packages'])} parts of whole layers (at most "
+                     f"{PART_MAX_PARAMS / 1e6:.0f}M parameters each, to bound the converter's memory): "
+                     f"{', '.join(runtime['packages'])}, run in sequence, each with its own state")
     notes.append("Core ML did not run on this machine (it runs on macOS 15+ / iOS 18+): the export checked the "
                  "decoder in torch and read the stored weights back; see phi-edge.json verification")
     return FormatResult(quantization=used, runtime=runtime, verification=verification, notes=notes)

@@ -215,26 +215,32 @@ def chunks(s: Shape, max_params: int) -> list[tuple[int, int]]:
     return parts
 
 
+def layer_weight_names(shape, layer: int, ours: str, suffix: str = "") -> dict[str, tuple[str, slice | None]]:
+    """One decoder layer: our parameter name (``ours`` + projection + ``suffix``) -> (the checkpoint's tensor
+    name, rows of it): q/k/v split out of ``qkv_proj``, gate/up out of ``gate_up_proj``."""
+    q, kv, inter = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
+    p = f"model.layers.{layer}."
+    return {
+        ours + "input_norm": (p + "input_layernorm.weight", None),
+        ours + "post_norm": (p + "post_attention_layernorm.weight", None),
+        ours + "q_proj" + suffix: (p + "self_attn.qkv_proj.weight", slice(0, q)),
+        ours + "k_proj" + suffix: (p + "self_attn.qkv_proj.weight", slice(q, q + kv)),
+        ours + "v_proj" + suffix: (p + "self_attn.qkv_proj.weight", slice(q + kv, q + 2 * kv)),
+        ours + "o_proj" + suffix: (p + "self_attn.o_proj.weight", None),
+        ours + "gate_proj" + suffix: (p + "mlp.gate_up_proj.weight", slice(0, inter)),
+        ours + "up_proj" + suffix: (p + "mlp.gate_up_proj.weight", slice(inter, 2 * inter)),
+        ours + "down_proj" + suffix: (p + "mlp.down_proj.weight", None),
+    }
+
+
 def hf_weight_names(module: PhiDecoder) -> dict[str, tuple[str, slice | None]]:
     """Our parameter name -> (the checkpoint's tensor name, rows of it) for every weight of ``module``."""
     s = module.shape
-    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
     names = {}
     if module.embeds:
         names["embed_tokens"] = ("model.embed_tokens.weight", None)
     for j in range(len(module.layers)):
-        p, ours = f"model.layers.{module.first_layer + j}.", f"layers.{j}."
-        names.update({
-            ours + "input_norm": (p + "input_layernorm.weight", None),
-            ours + "post_norm": (p + "post_attention_layernorm.weight", None),
-            ours + "q_proj.weight": (p + "self_attn.qkv_proj.weight", slice(0, q)),
-            ours + "k_proj.weight": (p + "self_attn.qkv_proj.weight", slice(q, q + kv)),
-            ours + "v_proj.weight": (p + "self_attn.qkv_proj.weight", slice(q + kv, q + 2 * kv)),
-            ours + "o_proj.weight": (p + "self_attn.o_proj.weight", None),
-            ours + "gate_proj.weight": (p + "mlp.gate_up_proj.weight", slice(0, s.intermediate)),
-            ours + "up_proj.weight": (p + "mlp.gate_up_proj.weight", slice(s.intermediate, 2 * s.intermediate)),
-            ours + "down_proj.weight": (p + "mlp.down_proj.weight", None),
-        })
+        names.update(layer_weight_names(s, module.first_layer + j, f"layers.{j}.", ".weight"))
     if module.heads:
         names["norm"] = ("model.norm.weight", None)
         if hasattr(module, "lm_head"):

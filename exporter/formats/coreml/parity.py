@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from phi_edge.runtimes.coreml import causal_mask
+from phi_edge.runtimes.coreml import causal_mask, feed_fixed
 
 MAX_ABS_DIFF = 1e-3  # fp32 logits, ours vs transformers
 
@@ -30,19 +30,35 @@ class TorchSteps:
         return logits[0].float().numpy()
 
 
+class FixedSteps:
+    """Run the fixed-shape (ANE) functions as the runtime does: ``run(ids)`` feeds chunks of N through
+    prefill (the last padded), a lone token through decode, one state throughout."""
+
+    def __init__(self, engine, chunk: int, context: int, window: int, outputs: Sequence[str]):
+        self.engine, self.chunk, self.context, self.window, self.outputs = engine, chunk, context, window, outputs
+        self.state, self.length = engine.make_state(), 0
+
+    def run(self, ids: Sequence[int]) -> np.ndarray:
+        logits = feed_fixed(self.engine, self.state, ids, self.length, self.chunk, self.context, self.window,
+                            self.outputs)
+        self.length += len(ids)
+        return logits
+
+
 def probe_ids(vocab: int, length: int, seed: int = 0) -> list[int]:
     """Deterministic token ids spread over the vocabulary (special tokens excluded by staying below 32000)."""
     rng = np.random.default_rng(seed)
     return rng.integers(3, min(vocab, 32000), size=length).tolist()
 
 
-def check(traced, hf_model, prompt: Sequence[int], decode_steps: int, window: int) -> dict[str, Any]:
-    """Prefill ``prompt`` and greedy-decode ``decode_steps`` tokens with ``traced`` (float32 cache);
-    compare every position's logits with transformers' on the whole sequence and the greedy tokens
-    with transformers' argmax. Returns the figures; ``ok`` says whether both hold."""
+def check(traced, hf_model, prompt: Sequence[int], decode_steps: int, window: int, steps=None) -> dict[str, Any]:
+    """Prefill ``prompt`` and greedy-decode ``decode_steps`` tokens with ``traced`` (float32 cache) or
+    ``steps`` (anything with ``run(ids) -> logits``); compare every position's logits with transformers'
+    on the whole sequence and the greedy tokens with transformers' argmax. Returns the figures; ``ok``
+    says whether both hold."""
     import torch
 
-    steps = TorchSteps(traced, window)
+    steps = steps or TorchSteps(traced, window)
     ours = [steps.run(prompt)]
     tokens = list(prompt)
     for _ in range(decode_steps):

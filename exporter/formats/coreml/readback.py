@@ -15,31 +15,7 @@ from phi_edge.runtimes.errors import PhiEdgeError
 
 from .convert import parameter_of, weight_const_names
 from .decoder import CACHE_NAMES, PhiDecoder, Shape
-
-
-def load_program(package: Path):
-    """(spec, MIL program) of the package, without compiling or loading it (``skip_model_load``)."""
-    import coremltools as ct
-    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
-
-    model = ct.models.MLModel(str(package), skip_model_load=True)
-    spec = model.get_spec()
-    program = milproto_load(spec, specification_version=spec.specificationVersion, file_weights_dir=model.weights_dir)
-    return spec, program
-
-
-def stored_values(program, names: set[str]) -> dict[str, np.ndarray]:
-    """Op name -> its value as the device materializes it (constexpr ops dequantized), for ``names``."""
-    out = {}
-    for function in program.functions.values():
-        for op in function.operations:
-            if op.name not in names:
-                continue
-            if op.op_type == "const":
-                out[op.name] = np.asarray(op.outputs[0].val)
-            elif op.op_type.startswith("constexpr_"):
-                out[op.name] = np.asarray(op.materialized_val_inference())
-    return out
+from .milread import load_program, stored_values
 
 
 def weight_ops(program) -> dict[str, str]:
@@ -220,6 +196,10 @@ def stored_weights_runtime(folder: Path):
 
     manifest = read_manifest(folder)
     rt = manifest.runtime
+    if rt.get("functions"):  # --target apple-ane: one package, fixed-shape prefill and decode functions
+        from .ane_readback import stored_weights_runtime as ane_runtime
+
+        return ane_runtime(Path(folder), manifest, STORED_NOTE.format(os=platform.system()))
     shape = Shape(**rt["decoder"])
     with tool_output_to_log("reading the Core ML package back with coremltools"):
         engines = [StoredWeightsEngine(decoder_from_package(Path(folder) / name, tuple(part), shape))
