@@ -2,7 +2,7 @@
 (random weights) exported to int4, ours vs the raw tool, side by side.
 
     python benchmarks/export_full_size.py [--shape mini|medium] [--work DIR] [--layers N]
-                                          [--formats onnx-genai,openvino,gguf] [--skip-raw]
+                                          [--formats onnx-genai,openvino,gguf,coreml,coreml-ane] [--skip-raw]
 
 Prints, for each format, wall time and peak RSS of ``phi-export`` and of the underlying tool run
 directly with the same settings, then decode tokens/s of the int4 artifact through phi_edge.runtimes
@@ -51,9 +51,9 @@ RAW = {
                                  "text-generation-with-past", "--weight-format", "int4", "--group-size", "128",
                                  "--ratio", "0.8", str(out)],
 }
-OURS = {"onnx-genai": "cpu", "openvino": "intel-cpu", "gguf": "rpi5", "coreml": "iphone"}
+OURS = {"onnx-genai": "cpu", "openvino": "intel-cpu", "gguf": "rpi5", "coreml": "iphone", "coreml-ane": "apple-ane"}
 # formats whose runtime does not run on this machine (Core ML: macOS/iOS only): no decode measurement
-NO_DECODE_HERE = {"coreml"}
+NO_DECODE_HERE = {"coreml", "coreml-ane"}
 # extra phi-export flags per format: gguf is the Pi's profile in llama.cpp's format (Q4_K_M at --int4); it has
 # no raw tool here (llama.cpp's convert script is not installable from a registry), so only ours is timed
 OUR_FLAGS = {"gguf": ["--format", "gguf"]}
