@@ -62,14 +62,18 @@ class _File:
     local: Path
 
 
+def _split_url(dest: str) -> tuple[urllib.parse.SplitResult, int | None]:
+    u = urllib.parse.urlsplit(dest)
+    try:
+        return u, u.port
+    except ValueError:
+        raise PhiEdgeError(f"destination '{dest}' has a bad port number") from None
+
+
 def parse_destination(dest: str) -> Destination:
     bad = PhiEdgeError(f"destination '{dest}' is not one of {FORMS}")
     if dest.startswith("ssh://"):
-        u = urllib.parse.urlsplit(dest)
-        try:
-            port = u.port
-        except ValueError:
-            raise PhiEdgeError(f"destination '{dest}' has a bad port number") from None
+        u, port = _split_url(dest)
         path = urllib.parse.unquote(u.path)
         path = path[3:] if path.startswith("/~/") else path
         if not u.hostname or path.strip("/") in ("", "~"):
@@ -81,11 +85,7 @@ def parse_destination(dest: str) -> Destination:
             raise bad
         return Destination("adb", serial, "/" + path)
     if dest.startswith("ollama://"):
-        u = urllib.parse.urlsplit(dest)
-        try:
-            port = u.port
-        except ValueError:
-            raise PhiEdgeError(f"destination '{dest}' has a bad port number") from None
+        u, port = _split_url(dest)
         name = urllib.parse.unquote(u.path).strip("/")
         if not u.hostname or u.username or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-/]*(:[A-Za-z0-9_.\-]+)?", name):
             raise PhiEdgeError(f"destination '{dest}' is not ollama://HOST[:PORT]/NAME (NAME: an Ollama model name "
