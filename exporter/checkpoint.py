@@ -158,6 +158,10 @@ def read_config(model: str | None, revision: str | None = None) -> tuple[str, di
     return source, config, tok
 
 
+# never used by an export: Phi-4-multimodal's audio adapter (audio is not exported; ~0.9 GB)
+HUB_SKIPPED = ["speech-lora/*"]
+
+
 def _from_hub(repo: str, revision: str | None, allow_pickle: bool, trust_remote_code: bool,
               defaulted: bool, patterns: list[str] | None = None) -> Path:
     try:
@@ -171,11 +175,12 @@ def _from_hub(repo: str, revision: str | None, allow_pickle: bool, trust_remote_
     if trust_remote_code:
         patterns.append("*.py")
     try:  # the local cache first: works offline and costs nothing
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=True))
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, ignore_patterns=HUB_SKIPPED,
+                                      local_files_only=True))
     except Exception:
         pass
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, ignore_patterns=HUB_SKIPPED))
     except Exception as e:
         named = "no model was named, so the default " if defaulted else ""
         kind = type(e).__name__
