@@ -18,6 +18,9 @@ def run_builder(input_path: Path, out: Path, precision: str, ep: str, extra: lis
     cache = out / ".builder-cache"
     try:
         with _builder_compat(builder), _no_empty_requantization(builder, skip_empty_quantization):
+            # windowed layers (:func:`_sliding_layers`) keep a max_length KV cache: the bounded ring needs genai_config's
+            # sliding_window section, which 0.18 cannot run past the window with (finalize drops it)
+            extra = [*extra, "windowed_kv_cache=false"]
             options = builder.parse_extra_options(None, str(input_path), str(out), precision, ep, str(cache), extra)
             options["hf_remote"] = bool(hf_remote)
             builder.create_model(None, str(input_path), str(out), precision, ep, str(cache), **options)
@@ -36,8 +39,8 @@ def _builder_compat(builder) -> Iterator[None]:
     """onnxruntime-genai 0.18's builders predate transformers 5: the LongRoPE init reads the hub's old
     ``rope_scaling["type"]``, which a config written by transformers 5 (``rope_parameters`` with
     ``rope_type`` only) lacks; it knows Phi-3.5-MoE only by the hub's class name; the MoE builder also
-    misses the LongRoPE init its dense sibling has, and reads the old per-expert layout. Bridge all
-    four for one export."""
+    misses the LongRoPE init its dense sibling has, and reads the old per-expert layout; it windows
+    attention only where ``layer_types`` says so (:func:`_sliding_layers`). Bridge all five for one export."""
     phi = sys.modules[builder.Phi3MoELongRoPEModel.__module__]
     original_moe, original_dense = phi.Phi3MoELongRoPEModel, phi.Phi3MiniLongRoPEModel
     dense_rope_init = original_dense.make_rope_init
@@ -67,6 +70,7 @@ def _builder_compat(builder) -> Iterator[None]:
         config = load_config(*args, **kwargs)
         if (getattr(config, "architectures", None) or [""])[0] == "PhimoeForCausalLM":
             config.architectures = ["PhiMoEForCausalLM"]
+        _sliding_layers(config)
         return config
 
     AutoConfig.from_pretrained = from_pretrained
@@ -75,6 +79,16 @@ def _builder_compat(builder) -> Iterator[None]:
     finally:
         builder.Phi3MoELongRoPEModel, builder.Phi3MiniLongRoPEModel = original_moe, original_dense
         AutoConfig.from_pretrained = load_config
+
+
+def _sliding_layers(config) -> None:
+    """Phi-3's attention is windowed in every layer (``sliding_window``, 2047 for Phi-3-mini-4k); the builder
+    windows only layers that ``layer_types`` marks ``sliding_attention``, which transformers 5's Phi configs do
+    not carry, so without this its graph attends to the whole context (measured: logits 9.9 apart from
+    transformers past the window; with it, 1e-5)."""
+    window = getattr(config, "sliding_window", None)
+    if window and int(window) > 0 and getattr(config, "layer_types", None) is None:
+        config.layer_types = ["sliding_attention"] * int(config.num_hidden_layers)
 
 
 def _legacy_moe(layer):
