@@ -207,6 +207,8 @@ def _in_a_step(kind: str, *, steps):
             raise _NeedsTwoArguments("gadget", "broke")
         if kind == "dies":
             os._exit(3)
+        if kind == "interrupted":
+            raise KeyboardInterrupt
     return {"pid": os.getpid()}
 
 
@@ -226,6 +228,8 @@ def test_worker_relays_steps_results_and_errors():
         run_in_worker(_in_a_step, "unpicklable", steps=Steps(enabled=False))
     with pytest.raises(RuntimeError, match=r"worker process ended without a result \(exit code 3\)"):
         run_in_worker(_in_a_step, "dies", steps=Steps(enabled=False))
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C in the worker: the export's own Ctrl-C handling takes over
+        run_in_worker(_in_a_step, "interrupted", steps=Steps(enabled=False))
 
 
 def test_export_in_a_worker_writes_the_same_artifact(exported, checkpoint, tmp_path):
