@@ -18,6 +18,7 @@ from typing import Any
 from phi_edge.runtimes.errors import PhiEdgeError
 
 from .. import ExportOptions, FormatResult, merged_quant, require_tool
+from .checks import closing_notes, combined_round_trip, parity_skipped, record_checks
 
 FORMAT = "coreml"
 OPTIONS = frozenset({"block_size", "prefill_chunk", "quant"})  # the last two: --target apple-ane only
@@ -27,9 +28,6 @@ PARITY_MAX_PARAMS = 400_000_000  # above this the fp32 parity check (two fp32 mo
 PARITY_DECODE_STEPS = 8
 PART_MAX_PARAMS = 500_000_000  # a larger model is converted in parts of whole layers (converter memory)
 MIN_WEIGHT_COSINE = {"fp16": 0.99999, "int8": 0.9999, "int4": 0.99}  # stored vs source, per matrix
-VERIFIED = ("converted with coremltools {ct} on {os}, Core ML itself did not run here: graph parity of the traced "
-            "decoder with transformers in torch ({parity}), every stored weight read back from the package and "
-            "dequantized ({weights}), the package's states/inputs/outputs/weight ops checked")
 
 
 def check(ckpt, target, opts: ExportOptions) -> None:
@@ -109,10 +107,6 @@ def smoke_device(target) -> str:
 
 def export(ckpt, target, opts: ExportOptions, out: Path, steps) -> FormatResult:
     require_tool("coremltools", "the Core ML exporter")
-    import platform
-
-    import coremltools as ct
-
     from .convert import settings
     from .decoder import Shape, chunks
 
@@ -129,9 +123,7 @@ def export(ckpt, target, opts: ExportOptions, out: Path, steps) -> FormatResult:
         with steps.step("Checking the traced decoder against transformers in torch (fp32)"):
             verification["graph_parity"] = graph_parity(ckpt, context)
     else:
-        verification["graph_parity"] = {"skipped": f"{n_params / 1e9:.1f}B parameters: two fp32 copies do not fit "
-                                                   f"the check's memory budget; the test suite checks the decoder "
-                                                   f"on the fixtures"}
+        verification["graph_parity"] = parity_skipped(n_params)
     parts = chunks(shape, PART_MAX_PARAMS)
     packages, checked, rope = [], [], {}
     for index, part in enumerate(parts):
@@ -139,63 +131,33 @@ def export(ckpt, target, opts: ExportOptions, out: Path, steps) -> FormatResult:
         packages.append(name)
         checked.append(checks)
     verification["structure"] = [c["structure"] for c in checked]
-    trips = [c["weights"] for c in checked]
     verification["weights_round_trip"] = {
-        "matrices": sum(t["matrices"] for t in trips), "min_cosine": min(t["min_cosine"] for t in trips),
-        "max_relative_rms_error": max(t["max_relative_rms_error"] for t in trips),
+        **combined_round_trip([c["weights"] for c in checked]),
         "against": "the fp16 weights converted (the checkpoint's, rounded to fp16)",
         "read_with": "coremltools' MIL loader (milproto) and its constexpr dequantization"}
-    parity = verification["graph_parity"]
-    verification["rope"] = rope
-    verification["coreml"] = VERIFIED.format(
-        ct=ct.__version__, os=platform.system(),
-        parity="skipped for size" if "skipped" in parity else
-        f"max logit difference {parity['max_abs_logit_diff']:.1e}, greedy identical",
-        weights=f"min cosine {verification['weights_round_trip']['min_cosine']:.6f} with the source")
+    notes = record_checks(verification, rope)
     window = int(ckpt.config.get("sliding_window") or 0)
     runtime = {"packages": packages, "parts": [list(p) for p in parts],
                "compute_units": str(target.runtime.get("compute_units", target.device)),
                "sliding_window": window if 0 < window < context else 0, "decoder": asdict(shape),
                "inputs": ["input_ids", "causal_mask"], "output": "logits", "states": ["key_cache", "value_cache"],
                "minimum_deployment_target": "iOS18"}
-    notes = [rope["note"]] if "note" in rope else []
-    if len(parts) > 1:
-        notes.append(f"converted in {len(parts)} parts of whole layers (at most {PART_MAX_PARAMS / 1e6:.0f}M "
-                     f"parameters each, to bound the converter's memory): {', '.join(packages)}, run in sequence, "
-                     f"each with its own state")
-    notes.append("Core ML did not run on this machine (it runs on macOS 15+ / iOS 18+): the export checked the "
-                 "decoder in torch and read the stored weights back; see phi-edge.json verification")
-    return FormatResult(quantization=used, runtime=runtime, verification=verification, notes=notes)
+    return FormatResult(quantization=used, runtime=runtime, verification=verification,
+                        notes=notes + closing_notes(packages, PART_MAX_PARAMS))
 
 
 def _export_ane(ckpt, target, opts: ExportOptions, out: Path, steps, n_params: int) -> FormatResult:
     """``--target apple-ane``: one package, prefill and decode functions of fixed shapes (:mod:`.ane_export`)."""
-    import platform
-
-    import coremltools as ct
-
     from . import ane_export
 
     used, runtime, verification, rope = ane_export.export(ckpt, target, opts, out, steps, PARITY_MAX_PARAMS, n_params,
                                                           PART_MAX_PARAMS)
-    parity = verification["graph_parity"]
-    verification["rope"] = rope
-    verification["coreml"] = VERIFIED.format(
-        ct=ct.__version__, os=platform.system(),
-        parity="skipped for size" if "skipped" in parity else
-        f"max logit difference {parity['max_abs_logit_diff']:.1e}, greedy identical, both functions",
-        weights=f"min cosine {verification['weights_round_trip']['min_cosine']:.6f} with the source")
-    notes = [rope["note"]] if "note" in rope else []
+    notes = record_checks(verification, rope, ", both functions")
     notes.append(f"Neural Engine layout: fixed shapes, prefill function of {runtime['prefill_length']} tokens and "
                  f"decode function of 1 in one package sharing the KV-cache state; logits in "
                  f"{len(runtime['outputs'])} vocabulary slices")
-    if len(runtime["packages"]) > 1:
-        notes.append(f"converted in {len(runtime['packages'])} parts of whole layers (at most "
-                     f"{PART_MAX_PARAMS / 1e6:.0f}M parameters each, to bound the converter's memory): "
-                     f"{', '.join(runtime['packages'])}, run in sequence, each with its own state")
-    notes.append("Core ML did not run on this machine (it runs on macOS 15+ / iOS 18+): the export checked the "
-                 "decoder in torch and read the stored weights back; see phi-edge.json verification")
-    return FormatResult(quantization=used, runtime=runtime, verification=verification, notes=notes)
+    return FormatResult(quantization=used, runtime=runtime, verification=verification,
+                        notes=notes + closing_notes(runtime["packages"], PART_MAX_PARAMS))
 
 
 def export_part(ckpt, opts: ExportOptions, out: Path, shape, part: tuple[int, int], index: int, count: int,

@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from .decoder import CACHE_NAMES, Shape, checkpoint_tensors, layer_weight_names, rope_choice, rope_tables
+from .decoder import (CACHE_NAMES, Shape, checkpoint_tensors, layer_weight_names, load_weights, rope_choice,
+                      rope_tables)
 
 MAX_SLICE = 16383  # rows per vocabulary slice: below 16384, the ANE's limit on a dimension
 OUTPUT_PREFIX = "logits_"
@@ -229,26 +230,10 @@ def build(ckpt_path, config: dict[str, Any], context: int, tokens: int, dtype=to
     ``dtype``, read tensor by tensor; and the rope choice."""
     from transformers import AutoConfig
 
-    from phi_edge.runtimes.errors import PhiEdgeError
-
     hf_config = AutoConfig.from_pretrained(str(ckpt_path))
     s = Shape.of(config)
     module = empty(s, context, tokens, cache_dtype, part)
-    params = dict(module.named_parameters())
-    tensors = checkpoint_tensors(ckpt_path)
-    held: dict[str, torch.Tensor] = {}
-    for ours, (theirs, rows) in weight_names(module).items():
-        if theirs not in tensors:
-            raise PhiEdgeError(f"the checkpoint has no tensor '{theirs}'; it is not a Phi-3/Phi-4-mini checkpoint "
-                               f"phi-edge can export to Core ML")
-        if theirs not in held:
-            held = {theirs: tensors[theirs]()}  # one checkpoint tensor in memory at a time
-        w = held[theirs] if rows is None else held[theirs][rows]
-        target = params[ours]
-        if w.numel() != target.numel():
-            raise PhiEdgeError(f"tensor '{theirs}' has shape {tuple(w.shape)}, which does not match config.json; "
-                               f"the checkpoint's weights do not match its config")
-        target.data = w.to(dtype).reshape(target.shape).contiguous()
+    load_weights(module, checkpoint_tensors(ckpt_path), dtype, weight_names(module))
     module.set_rope(*rope_tables(hf_config, context))
     return module.eval(), rope_choice(hf_config, context)
 

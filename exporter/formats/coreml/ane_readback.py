@@ -16,7 +16,7 @@ from .ane import CACHE_NAMES, AneDecoder, empty, vocab_slices, with_tokens
 from .ane_convert import FUNCTIONS, INPUTS, io_names, weight_const_names
 from .convert import parameter_of
 from .decoder import Shape
-from .milread import load_program, stored_values
+from .milread import load_program, refuse_problems, stored_values
 
 WEIGHT_OPS = {"int4-per-channel": "constexpr_blockwise_shift_scale",
               "int8-per-channel": "constexpr_blockwise_shift_scale",
@@ -200,11 +200,7 @@ def structure(package: Path, shape: Shape, context: int, tokens: int, mode: str,
                   if offsets[FUNCTIONS[0]].get(op) == offsets[FUNCTIONS[1]].get(op) is not None}
         if len(shared) != n_matrices:
             problems.append(f"{len(shared)} of {n_matrices} matrices are stored once for both functions")
-    if spec.specificationVersion < 9:
-        problems.append(f"specification version {spec.specificationVersion}, expected 9 (iOS 18) for states")
-    if problems:
-        raise PhiEdgeError(f"the saved Core ML package {package.name} is not what the runtime expects: "
-                           f"{'; '.join(problems)}; nothing was written, please report this")
+    refuse_problems(package, spec, problems)
     return {"functions": {FUNCTIONS[0]: tokens, FUNCTIONS[1]: 1}, "fixed_shapes": True, "io_rank": 4,
             "states": {n: want_cache + ["fp16"] for n in CACHE_NAMES}, "inputs": [x_name, *INPUTS[1:]],
             "outputs": outputs, "weight_ops": kinds[FUNCTIONS[1]], "matrices": n_matrices,

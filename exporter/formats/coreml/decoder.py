@@ -288,13 +288,15 @@ def checkpoint_tensors(ckpt_path):
     return {name: (lambda n=name: read(n)) for name in where}
 
 
-def load_weights(module: PhiDecoder, tensors, dtype) -> None:
-    """Fill ``module``'s weights from ``tensors`` (checkpoint name -> reader), converting each to ``dtype``."""
+def load_weights(module: torch.nn.Module, tensors, dtype, names: dict | None = None) -> None:
+    """Fill ``module``'s weights from ``tensors`` (checkpoint name -> reader), converting each to ``dtype``.
+    ``names``: our parameter name -> (checkpoint name, rows), by default :func:`hf_weight_names`; a parameter
+    may add size-1 axes to the checkpoint's shape (the Neural Engine's [out, in, 1, 1] convolutions)."""
     from phi_edge.runtimes.errors import PhiEdgeError
 
     params = dict(module.named_parameters())
     fused: dict[str, torch.Tensor] = {}
-    for ours, (theirs, rows) in hf_weight_names(module).items():
+    for ours, (theirs, rows) in (names or hf_weight_names(module)).items():
         if theirs not in tensors:
             raise PhiEdgeError(f"the checkpoint has no tensor '{theirs}'; it is not a Phi-3/Phi-4-mini checkpoint "
                                f"phi-edge can export to Core ML")
@@ -302,7 +304,8 @@ def load_weights(module: PhiDecoder, tensors, dtype) -> None:
             fused = {theirs: tensors[theirs]()}  # one checkpoint tensor in memory at a time
         w = fused[theirs] if rows is None else fused[theirs][rows]
         target = params[ours]
-        if tuple(w.shape) != tuple(target.shape):
-            raise PhiEdgeError(f"tensor '{theirs}' has shape {tuple(w.shape)}, expected {tuple(target.shape)} from "
+        expected = tuple(n for n in target.shape if n != 1) if target.dim() > w.dim() else tuple(target.shape)
+        if tuple(w.shape) != expected:
+            raise PhiEdgeError(f"tensor '{theirs}' has shape {tuple(w.shape)}, expected {expected} from "
                                f"config.json; the checkpoint's weights do not match its config")
-        target.data = w.to(dtype).contiguous()
+        target.data = w.to(dtype).reshape(target.shape).contiguous()

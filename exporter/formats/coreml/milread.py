@@ -1,5 +1,6 @@
 """Read a saved ``.mlpackage`` with coremltools' own MIL loader, without compiling or running it: its
-spec and program, and the values of its weight ops as the device materializes them."""
+spec and program, the values of its weight ops as the device materializes them, and the refusal that ends
+a structure check."""
 
 from __future__ import annotations
 
@@ -31,3 +32,14 @@ def stored_values(program, names: set[str]) -> dict[str, np.ndarray]:
             elif op.op_type.startswith("constexpr_"):
                 out[op.name] = np.asarray(op.materialized_val_inference())
     return out
+
+
+def refuse_problems(package: Path, spec, problems: list[str]) -> None:
+    """End a structure check: states need specification 9 (iOS 18); any problem refuses the export."""
+    from phi_edge.runtimes.errors import PhiEdgeError
+
+    if spec.specificationVersion < 9:
+        problems.append(f"specification version {spec.specificationVersion}, expected 9 (iOS 18) for states")
+    if problems:
+        raise PhiEdgeError(f"the saved Core ML package {package.name} is not what the runtime expects: "
+                           f"{'; '.join(problems)}; nothing was written, please report this")

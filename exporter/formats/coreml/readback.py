@@ -15,7 +15,7 @@ from phi_edge.runtimes.errors import PhiEdgeError
 
 from .convert import parameter_of, weight_const_names
 from .decoder import CACHE_NAMES, PhiDecoder, Shape
-from .milread import load_program, stored_values
+from .milread import load_program, refuse_problems, stored_values
 
 
 def weight_ops(program) -> dict[str, str]:
@@ -131,11 +131,7 @@ def structure(package: Path, shape: Shape, part: tuple[int, int], context: int, 
         bits = _weight_bits(program)
         if bits != {precision}:
             problems.append(f"compressed weights are stored as {sorted(bits)}, expected {precision}")
-    if spec.specificationVersion < 9:
-        problems.append(f"specification version {spec.specificationVersion}, expected 9 (iOS 18) for states")
-    if problems:
-        raise PhiEdgeError(f"the saved Core ML package {package.name} is not what the runtime expects: "
-                           f"{'; '.join(problems)}; nothing was written, please report this")
+    refuse_problems(package, spec, problems)
     return {"states": {n: want_cache + ["fp16"] for n in CACHE_NAMES}, "inputs": [x_name, mask_name],
             "output": out_name, "specification_version": spec.specificationVersion,
             "compressed_matrices": kinds.get("constexpr_blockwise_shift_scale", 0), "matrices": matrices,
