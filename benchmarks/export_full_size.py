@@ -183,7 +183,10 @@ def machine_ram_bytes() -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/phi-edge-full-size"))
+    from phi_edge.exporter.fixtures import cache_root
+
+    # the bf16 checkpoints (7-26 GiB) are kept for the next run: in the user cache, not the temp folder
+    ap.add_argument("--work", type=Path, default=cache_root() / "full-size")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="mini")
     ap.add_argument("--layers", type=int, default=0, help="Decoder layers (default: the shape's own count).")
     ap.add_argument("--formats", default="onnx-genai,openvino")
